@@ -1,0 +1,18 @@
+"""memtune: fine-tune pretrained transformers within a memory budget."""
+__version__ = "0.1.0"
+
+from .api import load, wrap  # noqa: E402
+from .methods import METHODS, ConfigError, MemtuneModel, MethodConfig  # noqa: E402
+from .methods.registry import config_for  # noqa: E402
+from .models import load_model  # noqa: E402
+
+
+def __getattr__(name):
+    """`memtune.LoRAConfig` etc.: every registered config class by its class name."""
+    for cls in METHODS.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(name)
+
+
+__all__ = ["wrap", "load", "load_model", "METHODS", "config_for", "ConfigError", "MemtuneModel", "MethodConfig"]

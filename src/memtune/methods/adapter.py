@@ -1,0 +1,59 @@
+"""Houlsby-style bottleneck adapters after each sub-layer's output projection.
+
+    y = out + up(act(down(out)))     out: B×T×d, down: d→d/reduction, up: zero-initialised
+
+The adapters are attached with forward hooks on the family's output projections (`adapter_sites`),
+so no model file is copied; with `up` at zero the wrapped model equals the backbone at init.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import ConfigError, MethodConfig, check
+from .baselines import _BackboneFeatures
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.down = nn.Linear(d, hidden)
+        self.up = nn.Linear(hidden, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(torch.nn.functional.gelu(self.down(x)))
+
+
+class AdapterModel(_BackboneFeatures):
+    def __init__(self, backbone, config, num_labels=None):
+        super().__init__(backbone, config, num_labels)
+        self.freeze_backbone()
+        hidden = max(1, backbone.hidden_size // config.reduction)
+        sites = [(n, m) for n, m in backbone.model.named_modules()
+                 if isinstance(m, nn.Linear) and any(n.endswith("." + s) for s in backbone.adapter_sites)]
+        if not sites:
+            raise ConfigError(f"adapter: no output projections named {backbone.adapter_sites} in this model")
+        # Keys use '__' for '.', since ModuleDict keys cannot contain dots.
+        self.adapters = nn.ModuleDict({n.replace(".", "__"): Bottleneck(m.out_features, hidden) for n, m in sites})
+        for n, m in sites:
+            m.register_forward_hook(self._hook(n.replace(".", "__")))
+
+    def _hook(self, key):
+        def run(module, inputs, output):
+            return self.adapters[key](output)
+        return run
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    """Bottleneck adapters of width d/reduction after attention and FFN outputs (Houlsby et al., 2019)."""
+    name = "adapter"
+    model_class = AdapterModel
+    reduction: int = 16
+
+    def validate(self):
+        check(self.reduction >= 1, f"adapter.reduction must be a positive integer, got {self.reduction}")

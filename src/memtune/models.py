@@ -82,7 +82,7 @@ def model_class_for(config):
 
 
 def build_tiny(name: str, seed: int = 0):
-    from transformers import ViTImageProcessor
+    from transformers import ViTImageProcessorPil
 
     from .tokenizer import char_tokenizer
 
@@ -93,10 +93,21 @@ def build_tiny(name: str, seed: int = 0):
         torch.manual_seed(seed)
         cls = model_class_for(config)
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    drop_unused_parts(model)
     if name in ("tiny-vit", "tiny-dinov2"):
-        pre = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        pre = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
         return model, pre, "image"
     return model, char_tokenizer(), "text"
+
+
+def drop_unused_parts(model) -> None:
+    """Drop parameters no fine-tuning step uses, so nothing 'trains' without ever getting a gradient:
+    BERT/ViT poolers (memtune pools itself) and ViT/DINOv2 mask tokens (masked-image pretraining only)."""
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    emb = getattr(model, "embeddings", None)
+    if isinstance(getattr(emb, "mask_token", None), torch.nn.Parameter):
+        emb.mask_token = None
 
 
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> LoadedModel:
@@ -126,6 +137,9 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementa
 
 def _load_pretrained(name, path, dtype, attn_implementation) -> LoadedModel:
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per weight file is noise next to the training bar
 
     from .backbones import FAMILIES
 
@@ -137,6 +151,7 @@ def _load_pretrained(name, path, dtype, attn_implementation) -> LoadedModel:
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = model_class_for(config).from_pretrained(path, **kwargs)
+    drop_unused_parts(model)
     if config.model_type in ("vit", "dinov2"):
         return LoadedModel(name, model, AutoImageProcessor.from_pretrained(path), "image")
     tok = AutoTokenizer.from_pretrained(path)

@@ -52,3 +52,31 @@ class BertLikeBackbone(Backbone):
         if self.is_mpnet:
             return layer(h, ctx["attn_mask"], ctx["position_bias"])[0]
         return layer(h, attention_mask=ctx["attn_mask"])
+
+    # -- sub-layers (for methods that couple attention and feed-forward separately, e.g. MEFT) ----------
+    # Post-LN: each sub-layer is LN(x + branch(x)), residual and LayerNorm included, so
+    #     run_block(i, x, ctx) == ffn_sublayer(i, attention_sublayer(i, x, ctx), ctx)
+    # `branch_hook(branch_input, branch_output) -> branch_output` may edit the branch (B×T×d) after its
+    # dropout and before the residual + LayerNorm: an adapter in parallel (`out + A(inp)`) or in series
+    # (`out + A(out)`). Here branch_input is the sub-layer input x itself (post-LN has no pre-norm).
+    def attention_sublayer(self, i, x, ctx, branch_hook=None):
+        """a = LN₁(x + Dropout(W_o·SelfAttn(x))): B×T×d → B×T×d."""
+        attn = self.blocks[i].attention
+        if self.is_mpnet:
+            u = attn.dropout(attn.attn(x, ctx["attn_mask"], ctx["position_bias"])[0])
+            norm = attn.LayerNorm
+        else:
+            c, _ = attn.self(x, attention_mask=ctx["attn_mask"])
+            u = attn.output.dropout(attn.output.dense(c))
+            norm = attn.output.LayerNorm
+        if branch_hook is not None:
+            u = branch_hook(x, u)
+        return norm(u + x)
+
+    def ffn_sublayer(self, i, a, ctx, branch_hook=None):
+        """out = LN₂(a + Dropout(W_2·act(W_1·a))): B×T×d → B×T×d."""
+        layer = self.blocks[i]
+        u = layer.output.dropout(layer.output.dense(layer.intermediate(a)))
+        if branch_hook is not None:
+            u = branch_hook(a, u)
+        return layer.output.LayerNorm(u + a)

@@ -59,3 +59,27 @@ class LlamaLikeBackbone(Backbone):
         if not hasattr(self.model, "lm_head"):
             return super().lm_logits(h)
         return self.model.lm_head(h)                           # B×T×V
+
+    # -- sub-layers (for methods that couple attention and feed-forward separately, e.g. MEFT) ----------
+    # Pre-norm: each sub-layer is x + branch(RMSNorm(x)), residual included, so
+    #     run_block(i, x, ctx) == ffn_sublayer(i, attention_sublayer(i, x, ctx), ctx)
+    # `branch_hook(branch_input, branch_output) -> branch_output` may edit the branch (B×T×d) before the
+    # residual; branch_input is the normalised RMSNorm(x).
+    def attention_sublayer(self, i, x, ctx, branch_hook=None):
+        """x + SelfAttn(RMSNorm₁(x)) with the causal mask and rotary positions of ctx."""
+        blk = self.blocks[i]
+        n = blk.input_layernorm(x)
+        u, _ = blk.self_attn(hidden_states=n, attention_mask=ctx["attn_mask"], position_ids=ctx["position_ids"],
+                             past_key_values=None, use_cache=False, position_embeddings=ctx["rope"])
+        if branch_hook is not None:
+            u = branch_hook(n, u)
+        return x + u
+
+    def ffn_sublayer(self, i, a, ctx, branch_hook=None):
+        """a + MLP(RMSNorm₂(a))."""
+        blk = self.blocks[i]
+        n = blk.post_attention_layernorm(a)
+        u = blk.mlp(n)
+        if branch_hook is not None:
+            u = branch_hook(n, u)
+        return a + u

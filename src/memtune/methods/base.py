@@ -67,6 +67,8 @@ class MethodConfig:
     model_class: ClassVar[type["MemtuneModel"]]
     # Backbone families the method supports (empty: all).
     families: ClassVar[tuple[str, ...]] = ()
+    # Learning rate used when the user gives none (side networks want ~10x full fine-tuning's).
+    default_lr: ClassVar[float] = 1e-3
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

@@ -57,6 +57,7 @@ class FullConfig(MethodConfig):
     """Every weight trains: the memory ceiling."""
     name = "full"
     model_class = FullModel
+    default_lr = 5e-5
 
 
 @dataclass
@@ -64,6 +65,7 @@ class LinearConfig(MethodConfig):
     """Frozen backbone + trainable head: the memory floor."""
     name = "linear"
     model_class = LinearProbeModel
+    default_lr = 2e-3
 
 
 @dataclass
@@ -71,3 +73,4 @@ class BitFitConfig(MethodConfig):
     """Bias terms only (Ben Zaken et al., 2022)."""
     name = "bitfit"
     model_class = BitFitModel
+    default_lr = 1e-3

@@ -32,6 +32,7 @@ class LoRAConfig(MethodConfig):
     name = "lora"
     model_class = PeftInjectedModel
     peft_prefix = "lora_"
+    default_lr = 5e-4
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -56,6 +57,7 @@ class IA3Config(MethodConfig):
     name = "ia3"
     model_class = PeftInjectedModel
     peft_prefix = "ia3_"
+    default_lr = 3e-3
     target_modules: tuple[str, ...] | None = None
     feedforward_modules: tuple[str, ...] | None = None
 

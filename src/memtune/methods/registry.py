@@ -28,7 +28,7 @@ def _register_side_methods() -> None:
             if e.name != f"{__package__}.{mod}":
                 raise
             continue
-        register(*module.CONFIGS)
+        register(*getattr(module, "CONFIGS", ()))
 
 
 _register_side_methods()

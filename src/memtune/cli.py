@@ -1,0 +1,223 @@
+"""`memtune train | eval | compare | plan`: the command line.
+
+Bad input (unknown model/task/method, a bad option value, malformed data, a checkpoint for another
+model) prints one line `memtune: error: ...` and exits with code 2, before anything is written.
+A run that fails while training (NaN loss, full disk) exits with code 1 and keeps its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+PRESETS = {
+    # The README's main job: every method on MiniLM + Rotten Tomatoes in about 15 minutes on 2 CPU cores.
+    "demo": {"batch_size": 16, "max_length": 64, "train_limit": 3000, "test_limit": 1000, "epochs": 1.0},
+}
+
+
+def _user_errors():
+    from .assets import AssetMissing
+    from .backbones import UnsupportedModel
+    from .checkpoint import CheckpointError
+    from .compare import parse_method_spec  # noqa: F401
+    from .data import TaskError
+    from .methods import ConfigError
+    from .models import ModelError
+    from .train import ArgumentError
+
+    return (ConfigError, TaskError, ModelError, ArgumentError, CheckpointError, UnsupportedModel, AssetMissing)
+
+
+def _runtime_errors():
+    from .atomic import DiskFullError
+    from .train import TrainingError
+
+    return (TrainingError, DiskFullError)
+
+
+def method_option_fields() -> dict[str, set[str]]:
+    """Every method option name → the methods that have it (each becomes a `--name` flag)."""
+    from .methods import METHODS
+
+    fields: dict[str, set[str]] = {}
+    for name, cls in METHODS.items():
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, set()).add(name)
+    return fields
+
+
+def add_run_flags(p: argparse.ArgumentParser, with_method=True) -> None:
+    p.add_argument("--model", required=True, help="bundled alias (minilm, dinov2-s, tiny-bert, ...), folder or hub id")
+    p.add_argument("--task", required=True, help="rotten-tomatoes, fashion-mnist, digits, mnist-5k, drug-reviews, "
+                                                  "csv:PATH, jsonl:PATH or an image folder")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="default: the method's own")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--objective", choices=["classification", "causal-lm"], default=None)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+
+
+RUN_FLAGS = ("epochs", "max_steps", "batch_size", "eval_batch_size", "lr", "weight_decay", "max_length",
+             "image_size", "seed", "precision", "objective", "train_limit", "test_limit", "text_column",
+             "label_column")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memtune", description="Memory-efficient fine-tuning, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune one method and evaluate it")
+    add_run_flags(t)
+    t.add_argument("--method", default="lora")
+    t.add_argument("--out", default="runs/train")
+    t.add_argument("--checkpoint-every", type=int, default=None, help="write an atomic checkpoint every N steps")
+    t.add_argument("--resume", default=None, help="continue from a run folder or checkpoint")
+    t.add_argument("--measure-memory", action="store_true", help="measure one step's peak memory first")
+    t.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (DDP via torch.distributed)")
+    opts = t.add_argument_group("method options (each applies to the methods that have it)")
+    for name, methods in sorted(method_option_fields().items()):
+        opts.add_argument(f"--{name.replace('_', '-')}", dest=f"opt__{name}", default=None, metavar="V",
+                          help=", ".join(sorted(methods)))
+
+    e = sub.add_parser("eval", help="evaluate a saved adapter")
+    e.add_argument("--model", required=True)
+    e.add_argument("--task", default=None, help="default: the task the adapter was trained on")
+    e.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("compare", help="train each method in a fresh process and tabulate memory, time, accuracy")
+    add_run_flags(c)
+    c.add_argument("--methods", default=None, help="comma list; name:key=value adds options (default: all)")
+    c.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--json", default=None, help="also write the records here")
+
+    from .plan_cli import add_plan_parser
+    add_plan_parser(sub)
+    return parser
+
+
+def _run_settings(ns, preset=None) -> dict:
+    settings = dict(PRESETS.get(preset, {})) if preset else {}
+    for k in RUN_FLAGS:
+        v = getattr(ns, k, None)
+        if v is not None:
+            settings[k] = v
+    return settings
+
+
+def cmd_train(ns) -> int:
+    from .train import TrainArgs, train
+
+    if ns.num_processes > 1:
+        return _launch_distributed(ns.num_processes)
+    fields = method_option_fields()
+    options = {name: getattr(ns, f"opt__{name}") for name in fields if getattr(ns, f"opt__{name}") is not None}
+    from .methods import METHODS, ConfigError
+
+    if ns.method not in METHODS:
+        raise ConfigError(f"unknown method {ns.method!r}; available: {', '.join(METHODS)}")
+    wrong = [k for k in options if ns.method not in fields[k]]
+    if wrong:
+        own = [f.name for f in dataclasses.fields(METHODS[ns.method])]
+        raise ConfigError(f"option(s) {', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to "
+                          f"method {ns.method!r}; its options: "
+                          f"{', '.join('--' + o.replace('_', '-') for o in own) or 'none'}")
+    args = TrainArgs(model=ns.model, task=ns.task, method=ns.method, options=options, out=ns.out,
+                     checkpoint_every=ns.checkpoint_every, resume=ns.resume, measure_memory=ns.measure_memory,
+                     progress=not ns.no_progress, **_run_settings(ns))
+    m = train(args)
+    score = f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else f"perplexity {m['perplexity']:.2f}"
+    print(f"{m['method']}: {score}; trainable {m['trainable_params']:,} ({m['trainable_pct']:.2f} %); "
+          f"{m['step_time_s']:.3f} s/step; {m['wall_time_s']:.0f} s in all; saved to {ns.out}")
+    return 0
+
+
+def _launch_distributed(n: int) -> int:
+    """Re-run this command under torch.distributed with N processes (gloo on CPU, nccl on GPUs)."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    i = argv.index("--num-processes")
+    argv = argv[:i] + argv[i + 2:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "memtune",
+           *argv]
+    return subprocess.call(cmd)
+
+
+def cmd_eval(ns) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .api import load
+    from .checkpoint import read_adapter_config
+    from .data import load_task, make_collate
+    from .models import load_model
+    from .train import evaluate
+
+    saved = read_adapter_config(ns.adapter)
+    metrics_file = Path(ns.adapter) / "metrics.json"
+    settings = json.loads(metrics_file.read_text())["settings"] if metrics_file.exists() else {}
+    task_name = ns.task or settings.get("task")
+    if task_name is None:
+        from .data import TaskError
+        raise TaskError("--task is required: the adapter folder has no metrics.json naming its task")
+    loaded = load_model(ns.model)
+    model = load(loaded, ns.adapter)
+    task = load_task(task_name, seed=settings.get("seed", 0), test_limit=settings.get("test_limit"),
+                     text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"))
+    collate = make_collate(task.kind, loaded.preprocessor, max_length=settings.get("max_length", 128),
+                           image_size=settings.get("image_size"), causal_lm=saved.get("objective") == "causal-lm")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate(model.to(device), task.test, collate, ns.batch_size, device, progress=not ns.no_progress)
+    print(json.dumps({"method": saved["method"], "task": task_name, **result}))
+    return 0
+
+
+def cmd_compare(ns) -> int:
+    from .compare import run_compare
+    from .methods import METHODS
+
+    specs = ns.methods.split(",") if ns.methods else list(METHODS)
+    settings = _run_settings(ns, ns.preset)
+    flags = ["--model", ns.model, "--task", ns.task]
+    for k, v in settings.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    run_compare(specs, flags, ns.out, ns.json, progress=not ns.no_progress)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}
+    from .plan_cli import cmd_plan
+    handlers["plan"] = cmd_plan
+    try:
+        return handlers[ns.command](ns)
+    except _user_errors() as e:
+        print(f"memtune: error: {e}", file=sys.stderr)
+        return 2
+    except _runtime_errors() as e:
+        print(f"memtune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("memtune: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,49 @@
+"""The two types every loader shares: the error it raises and the task it returns."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+class TaskError(ValueError):
+    """Bad task name, bad user file or missing dataset.
+
+    Subclasses ValueError so callers that already catch ValueError keep working.
+    Messages always say what was wrong and what would be accepted instead.
+    """
+
+
+@dataclass(repr=False)
+class Task:
+    """A classification task with a fixed train/test split.
+
+    Text examples are ``{"text": str, "label": int}``; image examples are
+    ``{"image": np.ndarray, "label": int}`` with a uint8 array of shape (H, W)
+    for grey or (H, W, 3) for RGB. Labels index ``label_names``.
+    """
+
+    name: str
+    kind: str  # "text" | "image"
+    train: list[dict] = field(default_factory=list)
+    test: list[dict] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def label_counts(self, split: str = "train") -> dict[str, int]:
+        """Examples per class name in ``split`` ("train" or "test")."""
+        if split not in ("train", "test"):
+            raise TaskError(f"split must be 'train' or 'test', got {split!r}")
+        counts = Counter(ex["label"] for ex in getattr(self, split))
+        return {name: counts.get(i, 0) for i, name in enumerate(self.label_names)}
+
+    # The default dataclass repr would print every example (60k images for
+    # Fashion-MNIST), so show a summary instead.
+    def __repr__(self) -> str:
+        return (
+            f"Task(name={self.name!r}, kind={self.kind!r}, train={len(self.train)}, "
+            f"test={len(self.test)}, label_names={self.label_names!r})"
+        )

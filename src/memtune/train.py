@@ -1,0 +1,334 @@
+"""The training loop on Accelerate: progress bar, evaluation, atomic checkpoints, resume, NaN guard.
+
+    metrics = train(TrainArgs(model="minilm", task="rotten-tomatoes", method="lora", out="runs/x"))
+
+One process by default; `accelerate launch` (or `memtune train --num-processes N`) runs it with DDP.
+Everything that decides the result is seeded: model init, data order (a permutation per epoch from
+`seed + epoch`) and dropout (the torch generator, saved in checkpoints), so a resumed run ends with
+the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .api import wrap
+from .atomic import write_json
+from .data import load_task, make_collate
+from .methods import config_for
+from .models import load_model
+from .resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from .run_info import git_commit, machine, versions
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (NaN loss, ...); the message names the step and the last good checkpoint."""
+
+
+class ArgumentError(ValueError):
+    """A bad training setting; the message says what is allowed."""
+
+
+@dataclass
+class TrainArgs:
+    model: str
+    task: str
+    method: str = "lora"
+    options: dict = field(default_factory=dict)       # method options, e.g. {"r": "16"}
+    out: str = "runs/memtune"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float | None = None                            # None: the method's default
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    max_length: int = 128
+    image_size: int | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    objective: str = "classification"                  # or "causal-lm" (decoders)
+    train_limit: int | None = None
+    test_limit: int | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    checkpoint_every: int | None = None
+    resume: str | None = None
+    measure_memory: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(ok, msg):
+            if not ok:
+                raise ArgumentError(msg)
+        need(self.batch_size >= 1 and self.batch_size <= 65536,
+             f"--batch-size must be between 1 and 65536, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        need(self.epochs > 0 or (self.max_steps or 0) > 0, "give --epochs > 0 or --max-steps > 0")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}")
+        need(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        need(self.objective in ("classification", "causal-lm"),
+             f"--objective must be classification or causal-lm, got {self.objective!r}")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.precision == "fp16" and not torch.cuda.is_available():
+            raise ArgumentError("--precision fp16 needs a CUDA GPU (CPU autocast supports bf16); use bf16 or fp32")
+
+
+class EpochSampler(Sampler):
+    """A fresh seeded permutation each epoch: the data order is a function of (seed, epoch) only."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return i, self.examples[i]
+
+
+class _WithIds:
+    """Collate wrapper that adds `example_id` (B,) so methods can cache per-example work."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        batch = self.collate([ex for _, ex in items])
+        batch["example_id"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        return batch
+
+
+# -- building blocks shared by train, eval and compare -------------------------------------------------
+def build(args: TrainArgs, loaded=None, task=None):
+    """Load model and task and wrap the model: returns (model, task, loaded, collate_train, collate_eval)."""
+    loaded = loaded or load_model(args.model)
+    task = task or load_task(args.task, text_column=args.text_column, label_column=args.label_column,
+                             seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit)
+    if task.kind != loaded.modality:
+        raise ArgumentError(f"task {args.task!r} holds {task.kind} data but model {args.model!r} reads "
+                            f"{loaded.modality}; pick a {task.kind} model")
+    check_length(loaded, args.max_length)
+    causal = args.objective == "causal-lm"
+    options = dict(args.options)
+    config = config_for(args.method, options)
+    model = wrap(loaded, config, num_labels=None if causal else task.num_labels, name=args.model)
+    kw = dict(max_length=args.max_length, image_size=args.image_size, causal_lm=causal)
+    collate_train = make_collate(task.kind, loaded.preprocessor, **kw)
+    collate_eval = make_collate(task.kind, loaded.preprocessor, **kw)
+    return model, task, loaded, collate_train, collate_eval
+
+
+def check_length(loaded, max_length: int) -> None:
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if loaded.modality == "text" and limit and max_length > limit:
+        raise ArgumentError(f"--max-length {max_length} exceeds the model's {limit} positions; "
+                            f"use --max-length {limit} or less")
+
+
+def default_lr(method: str, options: dict) -> float:
+    return config_for(method, options).default_lr
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+@torch.no_grad()
+def evaluate(model, examples, collate, batch_size: int, device, progress=False) -> dict:
+    """Accuracy (classification) or loss and perplexity (causal LM) over `examples`."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = tokens = 0.0
+    from tqdm.auto import tqdm
+
+    batches = range(0, len(examples), batch_size)
+    for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+        out = model(**batch)
+        if model.objective == "causal-lm":
+            n = (batch["labels"][:, 1:] != -100).sum().item()
+            loss_sum += out.loss.item() * n
+            tokens += n
+        else:
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            total += len(batch["labels"])
+    model.train(was_training)
+    if model.objective == "causal-lm":
+        loss = loss_sum / max(tokens, 1)
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
+    return {"accuracy": correct / max(total, 1), "eval_examples": total}
+
+
+def measure_memory(args: TrainArgs) -> dict:
+    """Peak memory of one training step on a fresh model, inputs padded to exactly max_length."""
+    from .memory.measure import measure_training_memory
+
+    seed_everything(args.seed)
+    model, task, loaded, _, _ = build(args)
+    collate = make_collate(task.kind, loaded.preprocessor, max_length=args.max_length, image_size=args.image_size,
+                           pad_to_max_length=True, causal_lm=args.objective == "causal-lm")
+    examples = list(itertools.islice(itertools.cycle(task.train), args.batch_size))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    batch = {k: v.to(device) for k, v in collate(examples).items()}
+    optimizer = make_optimizer(model, args)
+    autocast = None
+    if args.precision != "fp32":
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
+    cuda = device.type == "cuda"
+    report = measure_training_memory(model, batch, optimizer, warmup=3 if cuda else 2, steps=5 if cuda else 1,
+                                     autocast=autocast)
+    return report.to_dict()
+
+
+def make_optimizer(model, args: TrainArgs):
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = args.lr or default_lr(args.method, args.options)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+def train(args: TrainArgs) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    args.validate()
+    t_start = time.time()
+    out = Path(args.out)
+    memory = measure_memory(args) if args.measure_memory else None
+
+    seed_everything(args.seed)
+    model, task, loaded, collate, collate_eval = build(args)
+    # Side networks leave some parameters unused in a step (e.g. gates of dropped layers): DDP must know.
+    accelerator = Accelerator(mixed_precision=PRECISIONS[args.precision],
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    sampler = EpochSampler(len(task.train), args.seed)
+    # The loader gets its own generator: creating an iterator must not draw from the global RNG, which
+    # drives dropout (a resumed run creates one iterator more than an uninterrupted one).
+    loader = DataLoader(_Indexed(task.train), batch_size=args.batch_size, sampler=sampler,
+                        collate_fn=_WithIds(collate), drop_last=len(task.train) >= args.batch_size,
+                        generator=torch.Generator().manual_seed(args.seed))
+    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    optimizer = make_optimizer(model, args)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    if args.resume:
+        progress = load_training_checkpoint(args.resume, model, optimizer, scheduler)
+        accelerator.print(f"memtune: resumed from {latest_checkpoint(args.resume)} at step {progress['step']}")
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    trainable, total = unwrapped.num_parameters_split()
+    bar = tqdm(total=total_steps, initial=progress["step"], desc=f"{args.method}", unit="step",
+               disable=not (args.progress and accelerator.is_main_process), dynamic_ncols=True)
+    step_times, last_loss = [], float("nan")
+    model.train()
+    while progress["step"] < total_steps:
+        # The prepared loader sets its sampler's epoch from its own iteration counter: tell it the real one.
+        loader.set_epoch(progress["epoch"])
+        batches = itertools.islice(iter(loader), progress["batch_in_epoch"], None)
+        for batch in batches:
+            t0 = time.perf_counter()
+            with accelerator.autocast():
+                loss = model(**batch).loss
+            check = accelerator.reduce(loss.detach(), "mean")
+            if not torch.isfinite(check):
+                good = latest_checkpoint(out)
+                raise TrainingError(f"loss became {check.item()} at step {progress['step'] + 1}; training "
+                                    f"stopped. Last good checkpoint: {good or 'none written yet'}. "
+                                    "Try a lower --lr or --precision fp32.")
+            accelerator.backward(loss)
+            if args.grad_clip:
+                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t0)
+            last_loss = check.item()
+            progress["step"] += 1
+            progress["batch_in_epoch"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}",
+                            samples_s=f"{args.batch_size * accelerator.num_processes / step_times[-1]:.1f}")
+            if args.checkpoint_every and progress["step"] % args.checkpoint_every == 0:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_training_checkpoint(out, unwrapped, optimizer, scheduler, dict(progress))
+            if progress["step"] >= total_steps:
+                break
+        else:
+            progress["epoch"] += 1
+            progress["batch_in_epoch"] = 0
+    bar.close()
+
+    results = evaluate(unwrapped, task.test, collate_eval, args.eval_batch_size, accelerator.device,
+                       progress=args.progress and accelerator.is_main_process)
+    timed = step_times[2:] or step_times
+    metrics = {
+        "method": args.method, "model": args.model, "task": args.task,
+        "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
+        "steps": progress["step"], "train_loss": last_loss,
+        "step_time_s": statistics.median(timed) if timed else None,
+        "samples_per_s": (args.batch_size * accelerator.num_processes / statistics.median(timed)) if timed else None,
+        **results,
+        "train_examples": len(task.train), "test_examples": len(task.test),
+        "settings": {k: v for k, v in asdict(args).items() if k not in ("progress",)},
+        "config": unwrapped.method_config.to_dict(),
+        "num_processes": accelerator.num_processes,
+        "versions": versions(), "git_commit": git_commit(), "machine": machine(),
+        "wall_time_s": time.time() - t_start,
+    }
+    if memory:
+        metrics["memory"] = memory
+        metrics["peak_bytes"] = memory["peak_bytes"]
+        metrics["activation_peak_bytes"] = memory["activation_peak_bytes"]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(out)
+        write_json(out / "metrics.json", metrics)
+    return metrics

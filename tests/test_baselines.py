@@ -1,0 +1,145 @@
+"""Every baseline on every family's tiny model: trainable set, frozen weights, save/load, wrong base."""
+import pytest
+import torch
+from torch import nn
+
+import memtune
+from memtune.checkpoint import CheckpointError
+from memtune.methods import ConfigError
+from memtune.models import load_model
+
+from .conftest import TINY, tiny_batch
+
+BASELINES = ("full", "linear", "bitfit", "lora", "ia3", "adapter")
+
+
+def wrap(name, method, **options):
+    torch.manual_seed(0)
+    lm = load_model(name)
+    return memtune.wrap(lm, memtune.config_for(method, options), num_labels=3)
+
+
+def linears(model, suffixes):
+    """Linear layers (plain or wrapped by peft, which keeps the original as `.base_layer`) by name suffix."""
+    return [m for n, m in model.backbone.model.named_modules()
+            if (isinstance(m, nn.Linear) or hasattr(m, "base_layer")) and any(n.endswith("." + s) for s in suffixes)]
+
+
+def expected_trainable(model, method) -> int:
+    """The trainable count from each method's formula, computed from the backbone's shapes."""
+    bb = model.backbone
+    head = model.head.weight.numel() + model.head.bias.numel()
+    if method == "full":
+        return sum(p.numel() for p in model.parameters())
+    if method == "linear":
+        return head
+    if method == "bitfit":
+        return head + sum(p.numel() for n, p in bb.named_parameters() if n.endswith("bias"))
+    if method == "lora":
+        r = model.method_config.r
+        return head + sum(r * (m.base_layer.in_features + m.base_layer.out_features)
+                          for m in linears(model, bb.lora_targets))
+    if method == "ia3":
+        ff = set(map(id, linears(model, bb.ia3_feedforward)))
+        return head + sum(m.base_layer.in_features if id(m) in ff else m.base_layer.out_features
+                          for m in linears(model, bb.ia3_targets))
+    if method == "adapter":
+        d_hidden = bb.hidden_size // model.method_config.reduction
+        return head + sum(2 * m.out_features * d_hidden + d_hidden + m.out_features
+                          for m in linears(model, bb.adapter_sites))
+    raise KeyError(method)
+
+
+def applicable(name, method):
+    # T5 and Llama have no bias terms: BitFit refuses them (tested below).
+    return not (method == "bitfit" and name in ("tiny-t5", "tiny-llama"))
+
+
+CASES = [(n, m) for n in TINY for m in BASELINES if applicable(n, m)]
+
+
+@pytest.mark.parametrize("name,method", CASES)
+def test_trainable_set_matches_formula_and_frozen_weights_get_no_grad(name, method):
+    model = wrap(name, method)
+    trainable, _ = model.num_parameters_split()
+    assert trainable == expected_trainable(model, method)
+    batch = tiny_batch(model)
+    model(**batch).loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{n} is trainable but got no gradient"
+        else:
+            assert p.grad is None, f"frozen {n} received a gradient"
+
+
+@pytest.mark.parametrize("name,method", CASES)
+def test_save_load_round_trip_gives_identical_outputs(name, method, tmp_path):
+    model = wrap(name, method)
+    with torch.no_grad():  # move every trainable tensor off its init so the round trip is meaningful
+        for _, p in model.trainable_named_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    batch = tiny_batch(model, labels=False)
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    restored = memtune.load(name, tmp_path).eval()
+    torch.testing.assert_close(restored(**batch).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "linear"])
+def test_loading_into_another_base_model_fails_clearly(method, tmp_path):
+    wrap("tiny-bert", method).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="made for base model 'tiny-bert'"):
+        memtune.load("tiny-t5", tmp_path)
+
+
+def test_loading_another_method_into_a_model_fails_clearly(tmp_path):
+    from memtune.checkpoint import check_compatible, read_adapter_config
+
+    wrap("tiny-bert", "lora").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="holds method 'lora'"):
+        check_compatible(read_adapter_config(tmp_path), wrap("tiny-bert", "adapter"))
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
+def test_bitfit_refuses_models_without_biases(name):
+    with pytest.raises(ConfigError, match="no bias terms"):
+        wrap(name, "bitfit")
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-vit"])
+def test_adapters_and_lora_start_at_the_pretrained_function(name):
+    full = wrap(name, "full").eval()
+    batch = tiny_batch(full, labels=False)
+    for method in ("adapter", "lora"):
+        other = wrap(name, method).eval()
+        other.head.load_state_dict(full.head.state_dict())
+        torch.testing.assert_close(other(**batch).logits, full(**batch).logits)
+
+
+def test_linear_probe_builds_no_graph_through_the_backbone():
+    model = wrap("tiny-bert", "linear")
+    feats = model.features(tiny_batch(model))
+    assert feats.grad_fn is None
+
+
+def test_causal_lm_objective_on_a_decoder():
+    torch.manual_seed(0)
+    model = memtune.wrap(load_model("tiny-llama"), "lora")
+    assert model.objective == "causal-lm" and model.head is None
+    out = model(**tiny_batch(model))
+    assert out.logits.shape[-1] == model.backbone.config.vocab_size
+    assert torch.isfinite(out.loss)
+
+
+def test_encoders_need_num_labels():
+    with pytest.raises(ConfigError, match="needs num_labels"):
+        memtune.wrap(load_model("tiny-bert"), "lora")
+
+
+@pytest.mark.parametrize("options,match", [({"r": -1}, "positive"), ({"r": "abc"}, "expected int"),
+                                           ({"alpha": 0}, "alpha"), ({"rank": 4}, "unknown option")])
+def test_bad_config_values_fail_at_construction(options, match):
+    with pytest.raises(ConfigError, match=match):
+        memtune.config_for("lora", options)

@@ -14,7 +14,8 @@ import typing
 
 PRESETS = {
     # The README's main job: every method on MiniLM + Rotten Tomatoes in about 15 minutes on 2 CPU cores.
-    "demo": {"batch_size": 16, "max_length": 64, "train_limit": 3000, "test_limit": 1000, "epochs": 1.0},
+    "demo": {"batch_size": 16, "max_length": 64, "train_limit": 3000, "test_limit": 1000, "epochs": 1.0,
+             "memory_batch_size": 32, "memory_max_length": 128},
 }
 
 
@@ -68,12 +69,15 @@ def add_run_flags(p: argparse.ArgumentParser, with_method=True) -> None:
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--text-column", default=None)
     p.add_argument("--label-column", default=None)
+    p.add_argument("--memory-batch-size", type=int, default=None, help="batch of the memory run (default: --batch-size)")
+    p.add_argument("--memory-max-length", type=int, default=None,
+                   help="padded length of the memory run (default: --max-length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
 
 
 RUN_FLAGS = ("epochs", "max_steps", "batch_size", "eval_batch_size", "lr", "weight_decay", "max_length",
              "image_size", "seed", "precision", "objective", "train_limit", "test_limit", "text_column",
-             "label_column")
+             "label_column", "memory_batch_size", "memory_max_length")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +146,8 @@ def cmd_train(ns) -> int:
                      checkpoint_every=ns.checkpoint_every, resume=ns.resume, measure_memory=ns.measure_memory,
                      progress=not ns.no_progress, **_run_settings(ns))
     m = train(args)
+    if os.environ.get("RANK", "0") != "0":          # data-parallel run: the main process reports
+        return 0
     score = f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else f"perplexity {m['perplexity']:.2f}"
     print(f"{m['method']}: {score}; trainable {m['trainable_params']:,} ({m['trainable_pct']:.2f} %); "
           f"{m['step_time_s']:.3f} s/step; {m['wall_time_s']:.0f} s in all; saved to {ns.out}")
@@ -170,11 +176,19 @@ def cmd_eval(ns) -> int:
     from .checkpoint import read_adapter_config
     from .data import load_task, make_collate
     from .models import load_model
+    from .preflight import check_batch_size, check_task_fits_model
     from .train import evaluate
 
+    check_batch_size(ns.batch_size)
     saved = read_adapter_config(ns.adapter)
     metrics_file = Path(ns.adapter) / "metrics.json"
-    settings = json.loads(metrics_file.read_text())["settings"] if metrics_file.exists() else {}
+    try:
+        settings = json.loads(metrics_file.read_text(encoding="utf-8")).get("settings", {}) \
+            if metrics_file.exists() else {}
+    except (ValueError, AttributeError) as e:
+        from .checkpoint import CheckpointError
+        raise CheckpointError(f"{metrics_file}: unreadable ({e}); expected the JSON file that memtune train "
+                              "writes") from None
     task_name = ns.task or settings.get("task")
     if task_name is None:
         from .data import TaskError
@@ -183,6 +197,7 @@ def cmd_eval(ns) -> int:
     model = load(loaded, ns.adapter)
     task = load_task(task_name, seed=settings.get("seed", 0), test_limit=settings.get("test_limit"),
                      text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"))
+    check_task_fits_model(task, task_name, loaded, model)
     collate = make_collate(task.kind, loaded.preprocessor, max_length=settings.get("max_length", 128),
                            image_size=settings.get("image_size"), causal_lm=saved.get("objective") == "causal-lm")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -194,9 +209,11 @@ def cmd_eval(ns) -> int:
 def cmd_compare(ns) -> int:
     from .compare import run_compare
     from .methods import METHODS
+    from .preflight import check_compare
 
     specs = ns.methods.split(",") if ns.methods else list(METHODS)
     settings = _run_settings(ns, ns.preset)
+    check_compare(specs, settings, ns.model, ns.task)    # shared bad input fails before any method runs
     flags = ["--model", ns.model, "--task", ns.task]
     for k, v in settings.items():
         flags += [f"--{k.replace('_', '-')}", str(v)]

@@ -67,7 +67,7 @@ def run_compare(specs: list[str], train_flags: list[str], out_dir, json_path=Non
     write_json(out_dir / "results.json", summary)
     if json_path:
         write_json(json_path, summary)
-    table = markdown_table(records)
+    table = settings_line(records) + "\n\n" + markdown_table(records)
     write_text(out_dir / "results.md", table + "\n")
     plot_memory_vs_accuracy(records, out_dir / "memory_vs_accuracy.png")
     print(table)
@@ -92,6 +92,24 @@ def add_ratios(records: list[dict]) -> None:
         for key, ratio in (("peak_bytes", "peak_ratio_vs_full"), ("activation_peak_bytes", "activation_ratio_vs_full"),
                            ("step_time_s", "step_time_ratio_vs_full")):
             r[ratio] = (r[key] / full[key]) if full and r.get(key) is not None and full.get(key) else None
+
+
+def memory_shape(settings: dict) -> str:
+    b = settings.get("memory_batch_size") or settings["batch_size"]
+    n = settings.get("memory_max_length") or settings["max_length"]
+    return f"batch {b} × {n}"
+
+
+def settings_line(records: list[dict]) -> str:
+    ok = next((r for r in records if "settings" in r), None)
+    if ok is None:
+        return "(every method failed)"
+    s = ok["settings"]
+    steps = f"{ok['steps']} steps" if ok.get("steps") else ""
+    return (f"{s['model']} on {s['task']}; training: batch {s['batch_size']} × {s['max_length']}, {steps}, "
+            f"{ok['train_examples']} train / {ok['test_examples']} test examples, {s['precision']}, seed {s['seed']}; "
+            f"memory: one step at {memory_shape(s)} (padded), AdamW; device: "
+            f"{ok.get('memory', {}).get('device', '?')}")
 
 
 def _fmt_ratio(x):
@@ -131,7 +149,7 @@ def plot_memory_vs_accuracy(records: list[dict], path) -> None:
     ax.set_ylabel("test accuracy (%)")
     if ok:
         s = ok[0]["settings"]
-        ax.set_title(f"{s['model']} on {s['task']}: batch {s['batch_size']} × {s['max_length']}, {s['precision']}",
+        ax.set_title(f"{s['model']} on {s['task']}; memory of one step at {memory_shape(s)}, {s['precision']}",
                      fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

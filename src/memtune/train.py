@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .api import wrap
-from .atomic import write_json
+from .atomic import DiskFullError, write_json
 from .data import load_task, make_collate
 from .methods import config_for
 from .models import load_model
@@ -65,6 +66,8 @@ class TrainArgs:
     checkpoint_every: int | None = None
     resume: str | None = None
     measure_memory: bool = False
+    memory_batch_size: int | None = None               # memory run's batch (default: batch_size)
+    memory_max_length: int | None = None               # memory run's padded length (default: max_length)
     progress: bool = True
 
     def validate(self) -> None:
@@ -73,7 +76,8 @@ class TrainArgs:
                 raise ArgumentError(msg)
         need(self.batch_size >= 1 and self.batch_size <= 65536,
              f"--batch-size must be between 1 and 65536, got {self.batch_size}")
-        need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        need(1 <= self.eval_batch_size <= 65536,
+             f"--eval-batch-size must be between 1 and 65536, got {self.eval_batch_size}")
         need(self.epochs > 0 or (self.max_steps or 0) > 0, "give --epochs > 0 or --max-steps > 0")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
         need(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}")
@@ -203,10 +207,12 @@ def measure_memory(args: TrainArgs) -> dict:
     from .memory.measure import measure_training_memory
 
     seed_everything(args.seed)
+    length = args.memory_max_length or args.max_length
     model, task, loaded, _, _ = build(args)
-    collate = make_collate(task.kind, loaded.preprocessor, max_length=args.max_length, image_size=args.image_size,
+    check_length(loaded, length)
+    collate = make_collate(task.kind, loaded.preprocessor, max_length=length, image_size=args.image_size,
                            pad_to_max_length=True, causal_lm=args.objective == "causal-lm")
-    examples = list(itertools.islice(itertools.cycle(task.train), args.batch_size))
+    examples = list(itertools.islice(itertools.cycle(task.train), args.memory_batch_size or args.batch_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     batch = {k: v.to(device) for k, v in collate(examples).items()}
@@ -227,9 +233,28 @@ def make_optimizer(model, args: TrainArgs):
 
 
 # -- the loop -------------------------------------------------------------------------------------------
-def train(args: TrainArgs) -> dict:
+def make_accelerator(precision: str = "fp32"):
+    """The loop's Accelerator: one process, or DDP across the processes a launcher started.
+
+    On a machine without CUDA it asks for CPU processes (gloo): Accelerate sets up CPU DDP only when
+    told to. Side networks can leave parameters unused in a step (e.g. gates of dropped layers), so
+    DDP looks for them (find_unused_parameters=True).
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=PRECISIONS[precision], cpu=cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _stopped(what: str, step: int, out: Path) -> TrainingError:
+    good = latest_checkpoint(out)
+    return TrainingError(f"{what} at step {step}; training stopped before updating the weights. Last good "
+                         f"checkpoint: {good or 'none written yet'}. Try a lower --lr or --precision fp32.")
+
+
+def train(args: TrainArgs) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -240,9 +265,7 @@ def train(args: TrainArgs) -> dict:
 
     seed_everything(args.seed)
     model, task, loaded, collate, collate_eval = build(args)
-    # Side networks leave some parameters unused in a step (e.g. gates of dropped layers): DDP must know.
-    accelerator = Accelerator(mixed_precision=PRECISIONS[args.precision],
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = make_accelerator(args.precision)
     sampler = EpochSampler(len(task.train), args.seed)
     # The loader gets its own generator: creating an iterator must not draw from the global RNG, which
     # drives dropout (a resumed run creates one iterator more than an uninterrupted one).
@@ -276,13 +299,14 @@ def train(args: TrainArgs) -> dict:
                 loss = model(**batch).loss
             check = accelerator.reduce(loss.detach(), "mean")
             if not torch.isfinite(check):
-                good = latest_checkpoint(out)
-                raise TrainingError(f"loss became {check.item()} at step {progress['step'] + 1}; training "
-                                    f"stopped. Last good checkpoint: {good or 'none written yet'}. "
-                                    "Try a lower --lr or --precision fp32.")
+                raise _stopped(f"loss became {check.item()}", progress["step"] + 1, out)
             accelerator.backward(loss)
             if args.grad_clip:
-                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+                norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+                # A non-finite gradient would poison the weights (and the next checkpoint) with a finite loss.
+                # fp16 is exempt: its grad scaler skips such steps by design.
+                if args.precision != "fp16" and not torch.isfinite(norm):
+                    raise _stopped(f"the gradient norm became {norm.item()}", progress["step"] + 1, out)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -329,6 +353,11 @@ def train(args: TrainArgs) -> dict:
         metrics["activation_peak_bytes"] = memory["activation_peak_bytes"]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(out)
-        write_json(out / "metrics.json", metrics)
+        try:
+            unwrapped.save_pretrained(out)
+            write_json(out / "metrics.json", metrics)          # last: its presence marks a finished run
+        except DiskFullError as e:
+            good = latest_checkpoint(out)
+            raise DiskFullError(e.errno, f"{e.strerror}. Last checkpoint: {good or 'none written'}"
+                                + (f"; free some space and rerun with --resume {out} to finish" if good else "")) from e
     return metrics

@@ -1,0 +1,47 @@
+"""CPU benchmarks behind benchmarks/RESULTS.md: `memtune compare` at the README table's settings.
+
+    python benchmarks/run_cpu.py [--only minilm|dinov2]
+
+Each comparison trains every method in a fresh process (see memtune/compare.py); the run folders (with
+adapters) go to runs/bench/, and the small results (JSON, Markdown table, plot) are copied here.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ALL = "full,linear,bitfit,lora,ia3,adapter,lst,dtl,dtl+,sherl,meft1,meft2,meft3"
+RUNS = {
+    # The README's main job (`make demo`): MiniLM + Rotten Tomatoes; memory of one step at batch 32 × 128.
+    "minilm-rotten-tomatoes": ["--model", "minilm", "--task", "rotten-tomatoes", "--preset", "demo",
+                               "--methods", ALL + ",sherl:late_layers=2,sherl:late_layers=3"],
+    # DINOv2-S on a fixed Fashion-MNIST subset at 112 px (4x cheaper than 224 px on CPU).
+    "dinov2s-fashion-mnist": ["--model", "dinov2-s", "--task", "fashion-mnist", "--image-size", "112",
+                              "--batch-size", "16", "--train-limit", "2000", "--test-limit", "500", "--max-steps", "125",
+                              "--methods", "full,linear,lora,lst,dtl,dtl+,sherl,meft1"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None)
+    a = ap.parse_args()
+    for name, flags in RUNS.items():
+        if a.only and a.only not in name:
+            continue
+        out = Path("runs/bench") / name
+        cmd = [sys.executable, "-m", "memtune", "compare", *flags, "--out", str(out), "--no-progress"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+        dest = HERE / name
+        dest.mkdir(exist_ok=True)
+        for f in ("results.json", "results.md", "memory_vs_accuracy.png"):
+            shutil.copy(out / f, dest / f)
+
+
+if __name__ == "__main__":
+    main()

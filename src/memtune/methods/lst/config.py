@@ -1,0 +1,68 @@
+"""LST options (Sung, Cho & Bansal, NeurIPS 2022: "LST: Ladder Side-Tuning for Parameter and Memory
+Efficient Transfer Learning")."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..base import MethodConfig, check
+
+INITS = ("random", "magnitude", "fisher")
+
+
+@dataclass
+class LSTConfig(MethodConfig):
+    """Ladder Side-Tuning: a frozen backbone and a narrow side network of the same block type.
+
+    r                 reduction factor: side width d' = d/r, FFN width d_ff/r, per-head width d_kv/r,
+                      head count unchanged (paper: 8 for T5/BART on GLUE, 4 for vision-language).
+    gate_temperature  T_g in mu_i = sigmoid(alpha_i / T_g); alpha_i starts at 0, so mu_i = 0.5.
+    keep_layers       backbone layers (0-indexed) that get a ladder and a side block; None keeps all.
+                      The paper's T5-base run keeps 1,2,3,5,6,7,9,10,11. For T5 the same set is used
+                      by the encoder and the decoder stack.
+    init              how the side blocks start:
+                        "magnitude"  structurally pruned backbone blocks, importance |theta| (default:
+                                     needs no data, so `memtune.wrap` alone gives the pruned start);
+                        "fisher"     the paper scripts' default, importance = empirical diagonal Fisher.
+                                     It needs labelled training examples, which `wrap` does not see:
+                                     the model starts from the magnitude pruning and
+                                     `model.initialize_from_fisher(batches)` redoes the pruning with
+                                     Fisher importance (`fisher_samples` single-example backward
+                                     passes through the full pretrained model). Until then
+                                     `model.data_init_pending` is True;
+                        "random"     the family's own weight initialisation, no pruning (the paper's
+                                     ablation reports it as worse).
+    fisher_samples    number of single-example backward passes for the Fisher importance (paper: 1024).
+    dropout           dropout of the side path (W0 input, the input of W_up) and of the side blocks.
+    """
+
+    name = "lst"
+    families = ("bert", "vit", "t5", "llama")
+    default_lr = 3e-3          # paper scripts (T5 on GLUE); side methods want ~10x full fine-tuning's
+    r: int = 8
+    gate_temperature: float = 0.1
+    keep_layers: tuple[int, ...] | None = None
+    init: str = "magnitude"
+    fisher_samples: int = 1024
+    dropout: float = 0.1
+
+    def validate(self):
+        check(self.r >= 1, f"lst.r must be a positive integer (the side network is d/r wide), got {self.r}")
+        check(self.gate_temperature > 0, f"lst.gate_temperature must be > 0, got {self.gate_temperature}")
+        check(self.init in INITS, f"lst.init must be one of {', '.join(INITS)}; got {self.init!r}")
+        check(self.fisher_samples >= 1, f"lst.fisher_samples must be >= 1, got {self.fisher_samples}")
+        check(0 <= self.dropout < 1, f"lst.dropout must be in [0, 1), got {self.dropout}")
+        if self.keep_layers is not None:
+            keep = self.keep_layers
+            check(len(keep) > 0, "lst.keep_layers must name at least one layer (or be None for all layers)")
+            check(all(i >= 0 for i in keep), f"lst.keep_layers must be 0-indexed layer numbers >= 0, got {keep}")
+            check(len(set(keep)) == len(keep), f"lst.keep_layers has duplicates: {keep}")
+            self.keep_layers = tuple(sorted(keep))
+
+    def kept(self, num_layers: int) -> tuple[int, ...]:
+        """The kept layers K for a stack of `num_layers` blocks (checked against its depth)."""
+        if self.keep_layers is None:
+            return tuple(range(num_layers))
+        bad = [i for i in self.keep_layers if i >= num_layers]
+        check(not bad, f"lst.keep_layers {self.keep_layers}: layer(s) {bad} do not exist; "
+                       f"this backbone has {num_layers} layers (0..{num_layers - 1})")
+        return self.keep_layers

@@ -1,0 +1,232 @@
+"""Pruned-weight initialisation of the side network (spec §8).
+
+Side block i starts from backbone block i, structurally pruned in one shot:
+
+1. Embedding: keep the d' feature dims with the largest importance summed over the vocabulary (for a
+   ViT patch embedding: over channels and pixels). That index set is P.
+2. Per block, in order, a chain of steps (`plan`):
+   - `Vec`: 1-D parameters of the residual width (norms, layer scales) take P;
+   - `Group`: input projections (q, k, v; or wi; or gate, up) drop their input columns ∉ P and keep the
+     SAME top rows, ranked by ‖I_1[j] ⊙ I_2[j] ⊙ …‖₁ over the kept columns; the output projection takes
+     those rows as its columns and keeps its own top rows by ‖I_o[j]‖₁, which become the new P.
+     Biases follow their rows.
+3. The final norm takes P; T5's 32×H relative-position table is copied unpruned from backbone block 0
+   into the first kept side block (H is kept).
+
+Choices (documented where the spec is silent):
+- Rows are ranked globally over H·d_kv ("per dimension"); kept rows stay in their original order and
+  are reshaped into H heads of d_kv' rows, so a side head mixes rows of several backbone heads.
+- The chain runs through every backbone block, dropped ones included (the paper prunes the whole
+  model, then drops layers); only kept blocks are copied.
+- Llama-like attention with grouped KV heads cannot share rows between q (H·d_kv) and k/v (KV·d_kv):
+  there the same within-head dims J are kept in every head, scored by Σ_h ‖I_q[h,j] ⊙ I_k[g(h),j] ⊙
+  I_v[g(h),j]‖₁, and chosen as rotary pairs (j, j + d_kv/2) so each kept dim keeps its rotation partner.
+- Scores are computed in float64 (a product of three squared gradients underflows in float32).
+- As in the code, residual indices are not consistent across x + f(x): an initialisation, not an exact
+  sub-network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ...backbones import UnsupportedModel
+
+Importance = Callable[[str, torch.Tensor], torch.Tensor]   # (backbone param name, param) → I, same shape
+
+
+@dataclass(frozen=True)
+class Vec:
+    """1-D parameters (paths relative to the block) sliced by the current residual index set P."""
+    params: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Input projections sharing rows, and the output projection whose kept rows become the new P.
+    `heads` = (H, KV, d_kv) asks for the head-structured (grouped-KV) selection."""
+    inputs: tuple[str, ...]
+    output: str
+    heads: tuple[int, int, int] | None = None
+
+
+# -- per-family block plans ---------------------------------------------------------------------------------
+def _has(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _norm(block, path) -> Vec:
+    m = block.get_submodule(path)
+    return Vec(tuple(f"{path}.{n}" for n, _ in m.named_parameters(recurse=False)))
+
+
+def _t5_plan(block) -> list:
+    ff_index = len(block.layer) - 1
+    ff = f"layer.{ff_index}.DenseReluDense"
+    ff_in = (f"{ff}.wi_0", f"{ff}.wi_1") if _has(block, f"{ff}.wi_0") else (f"{ff}.wi",)
+    steps = [_norm(block, "layer.0.layer_norm"),
+             Group(tuple(f"layer.0.SelfAttention.{x}" for x in "qkv"), "layer.0.SelfAttention.o")]
+    if ff_index == 2:   # decoder: cross-attention in the same chain (its k/v columns too, spec §8)
+        steps += [_norm(block, "layer.1.layer_norm"),
+                  Group(tuple(f"layer.1.EncDecAttention.{x}" for x in "qkv"), "layer.1.EncDecAttention.o")]
+    return steps + [_norm(block, f"layer.{ff_index}.layer_norm"), Group(ff_in, f"{ff}.wo")]
+
+
+def _bert_plan(block) -> list:
+    if _has(block, "attention.attn"):   # MPNet
+        attn = Group(("attention.attn.q", "attention.attn.k", "attention.attn.v"), "attention.attn.o")
+        attn_norm = "attention.LayerNorm"
+    else:
+        attn = Group(("attention.self.query", "attention.self.key", "attention.self.value"),
+                     "attention.output.dense")
+        attn_norm = "attention.output.LayerNorm"
+    # Post-LN: each norm follows its sub-layer's output projection, so it takes the new P.
+    return [attn, _norm(block, attn_norm), Group(("intermediate.dense",), "output.dense"),
+            _norm(block, "output.LayerNorm")]
+
+
+def _vit_plan(block) -> list:
+    attn = Group(("attention.q_proj", "attention.k_proj", "attention.v_proj"), "attention.o_proj")
+    if _has(block, "norm1"):   # DINOv2: layer scales after each sub-layer
+        mlp = (Group(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj") if _has(block, "mlp.gate_proj")
+               else Group(("mlp.fc1",), "mlp.fc2"))
+        return [_norm(block, "norm1"), attn, Vec(("layer_scale1.lambda1",)),
+                _norm(block, "norm2"), mlp, Vec(("layer_scale2.lambda1",))]
+    return [_norm(block, "layernorm_before"), attn, _norm(block, "layernorm_after"),
+            Group(("mlp.fc1",), "mlp.fc2")]
+
+
+def _llama_plan(block) -> list:
+    a = block.self_attn
+    heads = (a.config.num_attention_heads, a.config.num_key_value_heads, a.head_dim)
+    return [_norm(block, "input_layernorm"),
+            Group(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", heads),
+            _norm(block, "post_attention_layernorm"),
+            Group(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")]
+
+
+PLANS = {"t5": _t5_plan, "bert": _bert_plan, "vit": _vit_plan, "llama": _llama_plan}
+
+
+def plan(family: str, block: nn.Module) -> list:
+    try:
+        return PLANS[family](block)
+    except AttributeError as e:
+        raise UnsupportedModel(f"lst: cannot prune a {type(block).__name__} block for the side network "
+                               f"initialisation ({e}); use init='random'") from None
+
+
+# -- selection --------------------------------------------------------------------------------------------------
+def top(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries, in increasing index order."""
+    return torch.topk(score, k).indices.sort().values
+
+
+def embedding_dims(I: torch.Tensor, k: int) -> torch.Tensor:
+    """P from an embedding's importance: V×d (token table) or d×C×p×p (patch projection)."""
+    I = I.double()
+    score = I.sum(0) if I.dim() == 2 else I.flatten(1).sum(1)
+    return top(score, k)
+
+
+def shared_rows(Is: list[torch.Tensor], cols: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows kept in all input projections: top-k of ‖I_1[j, cols] ⊙ I_2[j, cols] ⊙ …‖₁."""
+    prod = Is[0][:, cols].double()
+    for I in Is[1:]:
+        prod = prod * I[:, cols].double()
+    return top(prod.abs().sum(1), k)
+
+
+def head_rows(Iq, Ik, Iv, cols, heads: tuple[int, int, int], side_head_dim: int):
+    """Grouped-KV selection: the same within-head dims J in every head, as rotary pairs.
+    Returns (q rows: H·d_kv', k/v rows: KV·d_kv')."""
+    H, KV, hd = heads
+    g = H // KV
+    q = Iq[:, cols].double().view(H, hd, -1)
+    k = Ik[:, cols].double().view(KV, hd, -1).repeat_interleave(g, 0)
+    v = Iv[:, cols].double().view(KV, hd, -1).repeat_interleave(g, 0)
+    per_dim = (q * k * v).sum(dim=(0, 2))                       # hd
+    half = hd // 2
+    pairs = top(per_dim[:half] + per_dim[half:], side_head_dim // 2)
+    J = torch.cat([pairs, pairs + half])                         # rotate_half pairs t with t + hd'/2
+    q_rows = (torch.arange(H, device=J.device)[:, None] * hd + J).flatten()
+    kv_rows = (torch.arange(KV, device=J.device)[:, None] * hd + J).flatten()
+    return q_rows, kv_rows
+
+
+# -- applying a plan ------------------------------------------------------------------------------------------
+class Pruner:
+    """Copies `W[rows][:, cols]` from backbone blocks into side blocks and records every index set.
+
+    `records[side_param_name] = (backbone_param_name, rows, cols)` with names relative to the wrapped
+    model, so `model.get_parameter(side) == model.get_parameter(source)[rows][:, cols]` (cols None for
+    1-D parameters, both None for a full copy).
+    """
+
+    def __init__(self, model: nn.Module, importance: Importance):
+        self.names = {id(p): n for n, p in model.named_parameters()}   # tied weights: first name
+        self.importance = importance
+        self.records: dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def imp(self, p: torch.Tensor) -> torch.Tensor:
+        return self.importance(self.names[id(p)], p)
+
+    @torch.no_grad()
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, rows=None, cols=None) -> None:
+        w = src
+        if rows is not None:
+            w = w[rows]
+        if cols is not None:
+            w = w[:, cols]
+        dst.copy_(w)
+        self.records[self.names[id(dst)]] = (self.names[id(src)], rows, cols)
+
+    def linear(self, dst: nn.Linear | None, src: nn.Linear, rows, cols) -> None:
+        if dst is None:
+            return
+        self.copy(dst.weight, src.weight, rows, cols)
+        if src.bias is not None and dst.bias is not None:
+            self.copy(dst.bias, src.bias, rows)
+
+    def stack(self, family: str, blocks, side_blocks: dict[int, nn.Module], P: torch.Tensor) -> torch.Tensor:
+        """Run the chain through every backbone block; copy into the side blocks that exist. Returns P."""
+        template = next(iter(side_blocks.values()))     # all side blocks share one shape
+        for i, bb in enumerate(blocks):
+            side = side_blocks.get(i)
+            for step in plan(family, bb):
+                if isinstance(step, Vec):
+                    for n in step.params:
+                        if side is not None:
+                            self.copy(side.get_parameter(n), bb.get_parameter(n), P)
+                    continue
+                ins = [bb.get_submodule(n) for n in step.inputs]
+                out = bb.get_submodule(step.output)
+                side_ins = [side.get_submodule(n) if side is not None else None for n in step.inputs]
+                if step.heads is not None:
+                    side_hd = template.get_submodule(step.output).in_features // step.heads[0]
+                    q_rows, kv_rows = head_rows(*(self.imp(m.weight) for m in ins), P, step.heads, side_hd)
+                    rows_each = [q_rows, kv_rows, kv_rows]
+                    mid = q_rows
+                else:
+                    k = template.get_submodule(step.inputs[0]).out_features
+                    mid = shared_rows([self.imp(m.weight) for m in ins], P, k)
+                    rows_each = [mid] * len(ins)
+                for dst, src, rows in zip(side_ins, ins, rows_each):
+                    self.linear(dst, src, rows, P)
+                k_out = template.get_submodule(step.output).out_features
+                P_new = top(self.imp(out.weight)[:, mid].double().sum(1), k_out)
+                self.linear(side.get_submodule(step.output) if side is not None else None, out, P_new, mid)
+                P = P_new
+        return P
+
+    def vector(self, dst_module: nn.Module, src_module: nn.Module, P: torch.Tensor) -> None:
+        """Final norm ← P (weight and bias where present)."""
+        for n, p in src_module.named_parameters(recurse=False):
+            self.copy(dst_module.get_parameter(n), p, P)

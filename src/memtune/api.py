@@ -38,4 +38,6 @@ def load(base_model, directory) -> MemtuneModel:
     model = wrap(base_model, config, num_labels=saved.get("num_labels"))
     check_compatible(saved, model)
     load_weights(model, directory)
+    if getattr(model, "data_init_pending", False):
+        model.data_init_pending = False  # the saved weights already hold the data-dependent initialisation
     return model

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import DiskFullError, _fsync_dir, write_text
@@ -80,8 +81,9 @@ def save_training_checkpoint(out_dir, model, optimizer, scheduler, progress: dic
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == 28 or isinstance(e, DiskFullError):
+            kept = latest_checkpoint(out_dir) or "none written yet"
             raise DiskFullError(28, f"no space left on the device while writing checkpoint {name}; "
-                                    f"the previous checkpoint is kept ({latest_checkpoint(out_dir)})") from e
+                                    f"the previous checkpoint is kept ({kept})") from e
         raise
     _prune(root, keep=KEEP)
     return final
@@ -114,6 +116,14 @@ def latest_checkpoint(path) -> Path | None:
     return done[-1] if done else None
 
 
+def _read(path: Path, reader):
+    try:
+        return reader(path)
+    except (OSError, ValueError, SafetensorError) as e:       # JSONDecodeError, UnicodeDecodeError: ValueError
+        raise CheckpointError(f"{path}: missing, unreadable or truncated ({e}); resume from an earlier "
+                              "checkpoint folder (checkpoints/step-*) or start again") from None
+
+
 def load_training_checkpoint(path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the saved progress dict."""
     ckpt = latest_checkpoint(path)
@@ -121,12 +131,13 @@ def load_training_checkpoint(path, model, optimizer, scheduler) -> dict:
         raise CheckpointError(f"{path}: no complete training checkpoint to resume from "
                               "(expected checkpoints/step-*/trainer_state.json)")
     check_compatible(read_adapter_config(ckpt), model)
+    # Read every file before changing anything, so a damaged checkpoint is reported and nothing half-loaded.
+    state = _read(ckpt / "trainer_state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+    opt = _read(ckpt / "optimizer.safetensors", lambda f: load_file(str(f)))
+    rng = _read(ckpt / "rng.safetensors", lambda f: load_file(str(f)))
     load_weights(model, ckpt)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")),
-                                                   state["optimizer"]))
+    optimizer.load_state_dict(_unflatten_optimizer(opt, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(str(ckpt / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]

@@ -265,7 +265,18 @@ def train(args: TrainArgs) -> dict:
 
     seed_everything(args.seed)
     model, task, loaded, collate, collate_eval = build(args)
+    if getattr(model, "data_init_pending", False) and not args.resume:
+        # Data-dependent initialisation (LST's Fisher pruning): single examples of the shuffled training set.
+        order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        model.initialize_from_fisher(collate([task.train[i] for i in order[s:s + 32]])
+                                     for s in range(0, len(order), 32))
     accelerator = make_accelerator(args.precision)
+    if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
+        # This loop saves, checkpoints and evaluates unsharded parameters: right under DDP only.
+        kind = accelerator.distributed_type.value
+        raise ArgumentError(f"memtune train runs in one process or with DDP, not with {kind} (an accelerate config "
+                            "chose it); use memtune.hf_trainer.MemtuneTrainer with transformers' FSDP/DeepSpeed "
+                            "support instead (docs/distributed.md)")
     sampler = EpochSampler(len(task.train), args.seed)
     # The loader gets its own generator: creating an iterator must not draw from the global RNG, which
     # drives dropout (a resumed run creates one iterator more than an uninterrupted one).
@@ -304,9 +315,9 @@ def train(args: TrainArgs) -> dict:
             if args.grad_clip:
                 norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
                 # A non-finite gradient would poison the weights (and the next checkpoint) with a finite loss.
-                # fp16 is exempt: its grad scaler skips such steps by design.
-                if args.precision != "fp16" and not torch.isfinite(norm):
-                    raise _stopped(f"the gradient norm became {norm.item()}", progress["step"] + 1, out)
+                # fp16 is exempt: its grad scaler skips such steps by design. (DeepSpeed returns no norm.)
+                if norm is not None and args.precision != "fp16" and not torch.isfinite(torch.as_tensor(norm)):
+                    raise _stopped(f"the gradient norm became {float(norm)}", progress["step"] + 1, out)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

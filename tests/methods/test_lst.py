@@ -500,3 +500,23 @@ def test_other_architectures_of_each_family(arch):
     model(**batch, labels=torch.tensor([0, 1])).loss.backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is not None for _, p in model.trainable_named_parameters())
+
+
+def test_fused_side_attention_saves_less_and_computes_the_same():
+    """`attention="sdpa"` stores no B·H·T² maps for backward; with dropout off it is the same function."""
+    import memtune
+    from memtune.memory.saved import saved_bytes
+    from memtune.models import load_model
+
+    out, saved = {}, {}
+    for attention in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = memtune.wrap(load_model("tiny-bert"), memtune.config_for("lst", {"attention": attention,
+                                                                                 "dropout": 0.0}), num_labels=2)
+        model.eval()
+        batch = model.backbone.example_batch(2, 64)
+        batch["labels"] = torch.tensor([0, 1])
+        out[attention] = model(**batch).logits
+        saved[attention] = saved_bytes(model, lambda: model(**batch).loss)
+    torch.testing.assert_close(out["sdpa"], out["eager"], rtol=1e-4, atol=1e-5)
+    assert saved["sdpa"] < saved["eager"]

@@ -33,6 +33,11 @@ class LSTConfig(MethodConfig):
                                      ablation reports it as worse).
     fisher_samples    number of single-example backward passes for the Fisher importance (paper: 1024).
     dropout           dropout of the side path (W0 input, the input of W_up) and of the side blocks.
+    attention         the side blocks' attention kernel: "auto" (default: the backbone's own, so LST is
+                      compared with the baselines on equal terms), "eager" (as the paper measured: the
+                      B·H·T² attention maps are stored for backward, and since H is kept they do not
+                      shrink with r) or "sdpa" (fused attention: no maps stored where the kernel
+                      supports the side dropout).
     """
 
     name = "lst"
@@ -44,6 +49,7 @@ class LSTConfig(MethodConfig):
     init: str = "magnitude"
     fisher_samples: int = 1024
     dropout: float = 0.1
+    attention: str = "auto"
 
     def validate(self):
         check(self.r >= 1, f"lst.r must be a positive integer (the side network is d/r wide), got {self.r}")
@@ -51,6 +57,8 @@ class LSTConfig(MethodConfig):
         check(self.init in INITS, f"lst.init must be one of {', '.join(INITS)}; got {self.init!r}")
         check(self.fisher_samples >= 1, f"lst.fisher_samples must be >= 1, got {self.fisher_samples}")
         check(0 <= self.dropout < 1, f"lst.dropout must be in [0, 1), got {self.dropout}")
+        check(self.attention in ("auto", "eager", "sdpa"),
+              f"lst.attention must be auto, eager or sdpa, got {self.attention!r}")
         if self.keep_layers is not None:
             keep = self.keep_layers
             check(len(keep) > 0, "lst.keep_layers must name at least one layer (or be None for all layers)")

@@ -74,7 +74,7 @@ class LSTModel(MemtuneModel):
     def _add_stack(self, name, stack_config, blocks, keep):
         bb = self.backbone
         cfg = side_config(self.family, stack_config, self.method_config.r, self.method_config.dropout, keep,
-                          is_dinov2=getattr(bb, "is_dinov2", False))
+                          is_dinov2=getattr(bb, "is_dinov2", False), attention=self.method_config.attention)
         self.side_configs[name] = cfg
         cls = type(blocks[0])
         # T5: the first kept side block owns the stack's 32×H relative-position table.

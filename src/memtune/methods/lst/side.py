@@ -7,7 +7,7 @@ Where a family's attention class cannot take those widths, the nearest valid cho
 - BERT-like (BERT, RoBERTa, XLM-R, MPNet) derive the head width from hidden_size / H, so the side
   width is d' = H·round(d_kv/r) (= d/r whenever r divides d_kv; at least one unit per head);
 - Llama-like decoders need an even head width for rotary positions: d_kv' = 2·round(d_kv/(2r)), ≥ 2.
-Everything else is round(x/r), at least 1. The side blocks always use eager attention.
+Everything else is round(x/r), at least 1. The side blocks use the backbone's attention kernel unless the config names one.
 """
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ def scaled(x: int, r: int) -> int:
     return max(1, round(x / r))
 
 
-def side_config(family: str, config, r: int, dropout: float, keep: tuple[int, ...], is_dinov2: bool = False):
+def side_config(family: str, config, r: int, dropout: float, keep: tuple[int, ...], is_dinov2: bool = False,
+                attention: str = "eager"):
     """A copy of the backbone's (stack) config with the side widths; every dropout probability the
     block class reads is set to `dropout` (spec §2: T5 side blocks use dropout 0.1)."""
     c = copy.deepcopy(config)
-    c._attn_implementation = "eager"
+    if attention != "auto":
+        c._attn_implementation = attention
     num_blocks = len(keep)
     if family == "t5":
         c.d_model, c.d_ff, c.d_kv = scaled(c.d_model, r), scaled(c.d_ff, r), scaled(c.d_kv, r)

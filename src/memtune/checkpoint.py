@@ -39,15 +39,24 @@ def adapter_config(model) -> dict:
     }
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.trainable_named_parameters()}
+def trainable_state(model, state_dict=None) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name: from the model, or picked from `state_dict` (a full state dict that
+    FSDP or DeepSpeed gathered, whose own parameters are sharded)."""
+    if state_dict is None:
+        return {n: p.detach().contiguous().cpu() for n, p in model.trainable_named_parameters()}
+    names = [n for n, _ in model.trainable_named_parameters()]
+    missing = [n for n in names if n not in state_dict]
+    if missing:
+        raise CheckpointError(f"the state dict to save lacks trainable tensor(s) {missing[:5]}")
+    return {n: state_dict[n].detach().contiguous().cpu() for n in names}
 
 
-def save_adapter(model, directory) -> Path:
+def save_adapter(model, directory, state_dict=None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(trainable_state(model), str(tmp), metadata={"format": "pt", "method": model.method_config.name})
+        save_file(trainable_state(model, state_dict), str(tmp),
+                  metadata={"format": "pt", "method": model.method_config.name})
     write_json(directory / CONFIG_NAME, adapter_config(model))
     return directory
 
@@ -78,6 +87,11 @@ def check_compatible(saved: dict, model) -> None:
     if saved.get("method") != here["method"]:
         raise CheckpointError(f"checkpoint holds method {saved.get('method')!r}, the model was built "
                               f"for {here['method']!r}")
+    if "num_labels" in saved and saved["num_labels"] != here["num_labels"]:
+        def head(n):
+            return "a causal-LM head" if n is None else f"a {n}-class head"
+        raise CheckpointError(f"checkpoint has {head(saved['num_labels'])}, the model was built with "
+                              f"{head(here['num_labels'])} (a task with other classes?)")
 
 
 def load_weights(model, directory) -> None:

@@ -126,8 +126,17 @@ class MemtuneModel(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(False)
 
-    def forward(self, **batch):
-        labels = batch.get("labels")
+    # transformers.Trainer: the loss is a mean over this batch, so no `num_items_in_batch` is passed in.
+    accepts_loss_kwargs = False
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
+                decoder_input_ids=None, labels=None, example_id=None, **extra):
+        # Named inputs so that transformers.Trainer, which keeps only the columns named in this signature,
+        # passes every input through (and finds `labels`); other keys still reach the method via **extra.
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     pixel_values=pixel_values, decoder_input_ids=decoder_input_ids, labels=labels,
+                     example_id=example_id)
+        batch = {**{k: v for k, v in named.items() if v is not None}, **extra}
         feats = self.features(batch)
         if self.objective == "causal-lm":
             logits = self.backbone.lm_logits(feats)                       # B×T×V
@@ -149,7 +158,12 @@ class MemtuneModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return sum(p.numel() for _, p in self.trainable_named_parameters()), total
 
-    def save_pretrained(self, directory, **kwargs) -> None:
+    def save_pretrained(self, directory, state_dict=None, is_main_process: bool = True, **kwargs) -> None:
+        """adapter_config.json + adapter_model.safetensors (the trainable tensors only). Accepts the
+        arguments transformers passes: `state_dict` (a gathered full state dict; its trainable entries are
+        saved), `is_main_process` (False: write nothing); others (safe_serialization, ...) are ignored:
+        memtune always writes safetensors."""
         from ..checkpoint import save_adapter
 
-        save_adapter(self, directory)
+        if is_main_process:
+            save_adapter(self, directory, state_dict)

@@ -116,7 +116,8 @@ class MTSA(nn.Module):
         self.proj = nn.ModuleList(make_projection(projection, D, d) for _ in range(num_features))
         self.relevance = nn.Linear(d, 1)                     # w_a ∈ ℝ^d, scalar b_a
         self.up = make_restore(restore, d, D)
-        self.gamma = nn.Parameter(torch.tensor(float(gate_init)))
+        # Shape (1,), not a 0-dim scalar: FSDP2 refuses to shard 0-dim parameters.
+        self.gamma = nn.Parameter(torch.full((1,), float(gate_init)))
         self.temperature = temperature
 
     @property
@@ -135,7 +136,7 @@ class MTSA(nn.Module):
         alpha = layer_weights(m, rho)                         # B×K×(n-1)
         g = (alpha.unsqueeze(-1) * E).sum(2) + e              # B×K×d
         G = self.up(F.relu(g))                                # B×K×D
-        gate = torch.tanh(self.gamma / self.temperature)      # scalar; 0 at init (closed)
+        gate = torch.tanh(self.gamma / self.temperature)      # (1,), broadcast; 0 at init (closed)
         x = G + gate * feats[-1]                              # B×K×D
         return {"E": E, "e": e, "S": S, "rho": rho, "m": m, "alpha": alpha, "g": g, "G": G, "gate": gate,
                 "x": x}

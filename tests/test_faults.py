@@ -1,0 +1,252 @@
+"""Faults during training and loading: NaN/inf guards, a full disk mid-checkpoint, damaged or foreign
+checkpoints, unsupported model families. Each is reported clearly and loses no earlier checkpoint."""
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import memtune
+from memtune.checkpoint import CheckpointError
+from memtune.cli import main
+from memtune.methods import ConfigError, MemtuneModel
+
+
+@pytest.fixture
+def csv_task(tmp_path):
+    p = tmp_path / "task.csv"
+    rows = [f"{'good great fine' if i % 2 else 'bad awful poor'} movie {i},{i % 2}" for i in range(40)]
+    p.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return p
+
+
+def train_argv(csv, out, steps=6, *extra):
+    return ["train", "--model", "tiny-bert", "--task", f"csv:{csv}", "--method", "lora", "--max-steps", str(steps),
+            "--batch-size", "4", "--max-length", "32", "--test-limit", "8", "--checkpoint-every", "2", "--seed", "1",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("memtune: error:"), err
+    return err[0]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def assert_not_finished(out: Path):
+    assert not (out / "metrics.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def assert_no_temporaries(out: Path):
+    left = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not left, f"temporary files left behind: {left}"
+
+
+# -- NaN / inf ----------------------------------------------------------------------------------------
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+POISON = {
+    "nan loss": (lambda loss: loss * float("nan"), "loss became nan"),
+    "inf loss": (lambda loss: loss + float("inf"), "loss became inf"),
+    "nan gradient, finite loss": (_NaNGradient.apply, "gradient norm became nan"),
+}
+
+
+def poison_training_step(monkeypatch, step: int, how):
+    """Patch every wrapped model's forward so that the `step`-th training forward returns a poisoned loss."""
+    original = MemtuneModel.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == step:
+                out.loss = how(out.loss)
+        return out
+
+    monkeypatch.setattr(MemtuneModel, "forward", forward)
+
+
+@pytest.mark.parametrize("case", sorted(POISON))
+def test_non_finite_training_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        case, tmp_path, csv_task, monkeypatch, capsys):
+    how, expected = POISON[case]
+    out = tmp_path / "run"
+    poison_training_step(monkeypatch, 5, how)
+    assert main(train_argv(csv_task, out)) == 1
+    line = error_line(capsys)
+    assert expected in line and "at step 5" in line and "step-0000004" in line, line
+    assert_not_finished(out)
+    ckpt = out / "checkpoints" / "step-0000004"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    model = memtune.load("tiny-bert", ckpt)
+    assert all(torch.isfinite(p).all() for _, p in model.trainable_named_parameters())
+
+    monkeypatch.undo()                                   # the cause is gone: the run resumes and finishes
+    assert main(train_argv(csv_task, out, 6, "--resume", str(out))) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+
+
+# -- a full disk --------------------------------------------------------------------------------------
+def _enospc(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+DISK_FULL_AT = {
+    # where the write fails: (module attribute patched, predicate on the path being written)
+    "adapter weights of checkpoint 4": ("memtune.checkpoint.save_file", lambda p: "step-0000004" in p),
+    "optimizer state of checkpoint 4": ("memtune.resume.save_file",
+                                        lambda p: "step-0000004" in p and p.endswith("optimizer.safetensors")),
+    "final adapter": ("memtune.checkpoint.save_file", lambda p: "checkpoints" not in p),
+}
+
+
+@pytest.mark.parametrize("where", sorted(DISK_FULL_AT) + ["latest pointer for checkpoint 4"])
+def test_a_full_disk_is_reported_and_loses_no_earlier_checkpoint(where, tmp_path, csv_task, monkeypatch, capsys):
+    import memtune.atomic
+    import memtune.resume
+
+    out = tmp_path / "run"
+    seen = {}
+    previous = out / "checkpoints" / "step-0000002"
+
+    if where.startswith("latest pointer"):
+        def write_text(target, text):                  # the real atomic writer, failing half-way through
+            if "step-0000004" not in text:
+                return memtune.atomic.write_text(target, text)
+            seen["before"] = tree_digest(previous)
+            with memtune.atomic.atomic_path(target) as tmp:
+                tmp.write_text(text[:3])
+                raise _enospc(tmp)
+        monkeypatch.setattr(memtune.resume, "write_text", write_text)
+    else:
+        target, hit = DISK_FULL_AT[where]
+        module, name = target.rsplit(".", 1)
+        real = getattr(__import__(module, fromlist=[name]), name)
+
+        def save(tensors, path, *args, **kwargs):
+            if not hit(str(path)):
+                return real(tensors, path, *args, **kwargs)
+            seen["before"] = tree_digest(out / "checkpoints" / "step-0000006" if where == "final adapter"
+                                         else previous)
+            Path(path).write_bytes(b"\0" * 64)            # a partly written file, then the disk is full
+            raise _enospc(path)
+        monkeypatch.setattr(module + "." + name, save)
+
+    assert main(train_argv(csv_task, out)) == 1
+    line = error_line(capsys)
+    assert "no space left" in line, line
+    assert_not_finished(out)
+    assert_no_temporaries(out)
+    assert "before" in seen, "the fault was never triggered"
+    kept = "step-0000006" if where == "final adapter" else "step-0000002"
+    assert kept in line, line
+    assert (out / "checkpoints" / "latest").read_text().strip() == kept
+    assert tree_digest(out / "checkpoints" / kept) == seen["before"], "the previous checkpoint changed"
+    memtune.load("tiny-bert", out / "checkpoints" / kept)
+
+
+# -- loading refuses pickles, damaged files and tensors that do not fit ------------------------------------
+@pytest.fixture
+def adapter(tmp_path):
+    torch.manual_seed(0)
+    model = memtune.wrap(memtune.load_model("tiny-bert"), "lora", num_labels=2)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    return folder
+
+
+def rewrite_tensors(folder, edit):
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def test_a_folder_with_only_pickled_weights_is_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        memtune.load("tiny-bert", folder)
+
+
+def test_pickled_adapter_weights_beside_a_valid_config_are_refused(adapter):
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        memtune.load("tiny-bert", adapter)
+
+
+def test_shape_mismatch_is_refused_naming_the_tensor(adapter):
+    name = "head.weight"
+    rewrite_tensors(adapter, lambda t: t.__setitem__(name, torch.zeros(5, 64)))
+    with pytest.raises(CheckpointError, match=r"head\.weight has shape \(5, 64\), the model expects \(2, 64\)"):
+        memtune.load("tiny-bert", adapter)
+
+
+def test_missing_and_unexpected_tensors_are_refused(adapter):
+    rewrite_tensors(adapter, lambda t: t.pop("head.bias"))
+    with pytest.raises(CheckpointError, match=r"missing \['head\.bias'\]"):
+        memtune.load("tiny-bert", adapter)
+    rewrite_tensors(adapter, lambda t: t.update({"head.bias": torch.zeros(2), "extra.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected \['extra\.weight'\]"):
+        memtune.load("tiny-bert", adapter)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 8, 100, -1])
+def test_truncated_safetensors_is_a_clear_checkpoint_error(adapter, keep):
+    path = adapter / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:-1])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        memtune.load("tiny-bert", adapter)
+
+
+def test_a_config_naming_another_method_does_not_load_the_weights(adapter):
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "method": "ia3", "config": {}}))
+    with pytest.raises(CheckpointError, match="tensors do not match the config"):
+        memtune.load("tiny-bert", adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "method": "prefix-tuning"}))
+    with pytest.raises(CheckpointError, match="unknown method 'prefix-tuning'"):
+        memtune.load("tiny-bert", adapter)
+
+
+def test_resume_refuses_a_checkpoint_with_a_damaged_optimizer_file(tmp_path, csv_task, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(csv_task, out, 2)) == 0
+    capsys.readouterr()
+    opt = out / "checkpoints" / "step-0000002" / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[:40])
+    assert main(train_argv(csv_task, tmp_path / "again", 4, "--resume", str(out))) == 2
+    line = error_line(capsys)
+    assert "optimizer.safetensors" in line and "truncated" in line, line
+    assert not (tmp_path / "again").exists()
+
+
+# -- a side-network method on a family it does not support --------------------------------------------
+@pytest.mark.parametrize("method", ["dtl", "dtl+", "meft1", "meft2", "meft3"])
+def test_unsupported_family_names_the_supported_ones(method):
+    families = memtune.METHODS[method].families
+    assert "t5" not in families
+    with pytest.raises(ConfigError) as e:
+        memtune.wrap(memtune.load_model("tiny-t5"), method, num_labels=2)
+    assert f"does not support the t5 family; supported families: {', '.join(families)}" in str(e.value)

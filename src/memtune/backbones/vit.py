@@ -59,19 +59,21 @@ class ViTLikeBackbone(Backbone):
     # -- sub-layers (for methods that couple attention and feed-forward separately, e.g. MEFT) ----------
     # Pre-LN: each sub-layer is x + branch(LN(x)), residual included, so
     #     run_block(i, x, ctx) == ffn_sublayer(i, attention_sublayer(i, x, ctx), ctx)
-    # `branch_hook(branch_input, branch_output) -> branch_output` may edit the branch (B×T×d) after its
-    # dropout / layer scale / drop path and before the residual; branch_input is the normalised LN(x).
+    # `branch_hook(branch_input, branch_output) -> branch_output` may edit the branch (B×T×d) before the
+    # residual: after its dropout (ViT), or before its layer scale and drop path (DINOv2, so that what the
+    # hook adds is scaled like the branch it sits beside); branch_input is the normalised LN(x).
     def attention_sublayer(self, i, x, ctx, branch_hook=None):
         """x + DropPath(LayerScale(Attn(LN₁(x)))) (DINOv2) or x + Dropout(Attn(LN₁(x))) (ViT)."""
         blk = self.blocks[i]
         if self.is_dinov2:
             n = blk.norm1(x)
             u, _ = blk.attention(n, attention_mask=None)
-            u = blk.drop_path(blk.layer_scale1(u))
-        else:
-            n = blk.layernorm_before(x)
-            u, _ = blk.attention(n, None)
-            u = blk.dropout(u)
+            if branch_hook is not None:
+                u = branch_hook(n, u)
+            return blk.drop_path(blk.layer_scale1(u)) + x
+        n = blk.layernorm_before(x)
+        u, _ = blk.attention(n, None)
+        u = blk.dropout(u)
         if branch_hook is not None:
             u = branch_hook(n, u)
         return u + x
@@ -81,10 +83,12 @@ class ViTLikeBackbone(Backbone):
         blk = self.blocks[i]
         if self.is_dinov2:
             n = blk.norm2(a)
-            u = blk.drop_path(blk.layer_scale2(blk.mlp(n)))
-        else:
-            n = blk.layernorm_after(a)
-            u = blk.dropout(blk.mlp(n))
+            u = blk.mlp(n)
+            if branch_hook is not None:
+                u = branch_hook(n, u)
+            return blk.drop_path(blk.layer_scale2(u)) + a
+        n = blk.layernorm_after(a)
+        u = blk.dropout(blk.mlp(n))
         if branch_hook is not None:
             u = branch_hook(n, u)
         return u + a

@@ -42,3 +42,11 @@ def tiny_batch(model, batch_size=2, length=12, labels=True):
         else:
             b["labels"] = torch.arange(batch_size) % model.num_labels
     return b
+
+
+@pytest.fixture
+def real_model_threads():
+    """Real-size models do use both cores; back to one thread afterwards."""
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)

@@ -209,10 +209,7 @@ PLAN_CASES = [
     pytest.param(["--model", "tiny-nope"], "unknown model 'tiny-nope'", id="unknown model"),
     pytest.param(["--methods", "prefix"], "unknown method 'prefix'", id="unknown method"),
     pytest.param(["--budget", "lots"], "--budget: cannot read 'lots'", id="unreadable budget"),
-    pytest.param(["--max-length", "4096"], "4096", id="max length beyond positions",
-                 marks=pytest.mark.xfail(strict=True, reason="memtune plan does not check --max-length against "
-                                                             "the model's positions yet (RuntimeError from the "
-                                                             "meta-device run)")),
+    pytest.param(["--max-length", "4096"], "4096", id="max length beyond positions"),
 ]
 
 

@@ -8,7 +8,7 @@ from .conftest import requires_minilm, requires_rotten_tomatoes
 
 @requires_minilm()
 @requires_rotten_tomatoes()
-def test_pretrained_minilm_lora_beats_random_weights_and_chance(tmp_path, monkeypatch):
+def test_pretrained_minilm_lora_beats_random_weights_and_chance(tmp_path, monkeypatch, real_model_threads):
     import memtune.models as models
 
     common = dict(task="rotten-tomatoes", method="lora", max_steps=150, batch_size=16, max_length=48,

@@ -8,7 +8,12 @@ from .models import load_model  # noqa: E402
 
 
 def __getattr__(name):
-    """`memtune.LoRAConfig` etc.: every registered config class by its class name."""
+    """`memtune.LoRAConfig` etc.: every registered config class by its class name; `memtune.MemtuneTrainer`
+    (imported on first use: it pulls in transformers' Trainer)."""
+    if name == "MemtuneTrainer":
+        from .hf_trainer import MemtuneTrainer
+
+        return MemtuneTrainer
     for cls in METHODS.values():
         if cls.__name__ == name:
             return cls

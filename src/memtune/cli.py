@@ -211,7 +211,8 @@ def cmd_compare(ns) -> int:
     from .methods import METHODS
     from .preflight import check_compare
 
-    specs = ns.methods.split(",") if ns.methods else list(METHODS)
+    # Default: every method once ("meft" is the generic form of meft1/2/3 and would repeat meft1).
+    specs = ns.methods.split(",") if ns.methods else [m for m in METHODS if m != "meft"]
     settings = _run_settings(ns, ns.preset)
     check_compare(specs, settings, ns.model, ns.task)    # shared bad input fails before any method runs
     flags = ["--model", ns.model, "--task", ns.task]

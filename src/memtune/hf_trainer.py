@@ -28,7 +28,6 @@ from transformers import Trainer
 from .checkpoint import CONFIG_NAME, check_compatible, load_weights, read_adapter_config
 from .methods import MemtuneModel
 
-TRAINING_ARGS_NAME = "training_args.bin"     # Trainer's own name for its pickled TrainingArguments
 
 
 class MemtuneTrainer(Trainer):
@@ -51,9 +50,9 @@ class MemtuneTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         elif getattr(self.data_collator, "tokenizer", None) is not None:
             self.data_collator.tokenizer.save_pretrained(output_dir)
-        import torch
-
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        # The training arguments as JSON (Trainer's own default pickles them; memtune writes no pickles).
+        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())
 
     def _load_adapter_into(self, model: MemtuneModel, folder) -> None:
         check_compatible(read_adapter_config(folder), model)

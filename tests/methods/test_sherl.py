@@ -14,15 +14,6 @@ from memtune.models import load_model
 FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops gain nothing from intra-op threads, and on a busy machine the thread barriers cost more
-    than the ops (the tiny-T5 tests ran 20× slower with 2 threads under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make(name, num_labels=3, **options):
     return memtune.wrap(load_model(name), memtune.config_for("sherl", options), num_labels=num_labels)

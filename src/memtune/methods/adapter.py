@@ -40,12 +40,16 @@ class AdapterModel(_BackboneFeatures):
         # Keys use '__' for '.', since ModuleDict keys cannot contain dots.
         self.adapters = nn.ModuleDict({n.replace(".", "__"): Bottleneck(m.out_features, hidden) for n, m in sites})
         for n, m in sites:
-            m.register_forward_hook(self._hook(n.replace(".", "__")))
+            # The hook holds only its adapter, not this model: no reference cycle keeps a dropped model alive.
+            m.register_forward_hook(_AdapterHook(self.adapters[n.replace(".", "__")]))
 
-    def _hook(self, key):
-        def run(module, inputs, output):
-            return self.adapters[key](output)
-        return run
+
+class _AdapterHook:
+    def __init__(self, adapter: Bottleneck):
+        self.adapter = adapter
+
+    def __call__(self, module, inputs, output):
+        return self.adapter(output)
 
 
 @dataclass

@@ -28,7 +28,7 @@ def _register_side_methods() -> None:
             if e.name != f"{__package__}.{mod}":
                 raise
             continue
-        register(*getattr(module, "CONFIGS", ()))
+        register(*module.CONFIGS)
 
 
 _register_side_methods()

@@ -50,3 +50,18 @@ def real_model_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(1)
+
+
+def spawn_with_timeout(fn, args, nprocs: int, timeout: float = 240.0) -> None:
+    """torch.multiprocessing.spawn with a deadline: a hung collective fails the test instead of CI."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout:.0f} s")

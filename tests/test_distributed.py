@@ -16,6 +16,8 @@ import torch
 
 import memtune
 
+from .conftest import spawn_with_timeout
+
 WORLD = 2
 BATCH = 8                    # 4 examples per process
 LENGTH = 12
@@ -81,13 +83,14 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     save_file(grads, os.path.join(out_dir, f"meft1-mixed.rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"info.rank{rank}.json"), "w") as f:
         json.dump(info, f)
+    torch.distributed.barrier()  # no rank tears the group down while another still reduces
     torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    torch.multiprocessing.spawn(_ddp_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    spawn_with_timeout(_ddp_worker, (str(out / "rendezvous"), str(out)), WORLD)
     info = [json.loads((out / f"info.rank{r}.json").read_text()) for r in range(WORLD)]
     return out, info
 

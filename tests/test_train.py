@@ -85,5 +85,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
 
 
 def test_causal_lm_training_reports_perplexity(tmp_path):
-    m = train(tiny_args(tmp_path, model="tiny-llama", objective="causal-lm", max_steps=3))
+    m = train(tiny_args(tmp_path, model="tiny-llama", objective="causal-lm", max_steps=3, eval_before=True))
     assert m["perplexity"] > 1 and "accuracy" not in m
+    # The untrained start is evaluated on the same test texts, and training changed the model.
+    assert m["before"]["perplexity"] > 1 and m["before"]["perplexity"] != m["perplexity"]

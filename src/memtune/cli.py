@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=None, help="write an atomic checkpoint every N steps")
     t.add_argument("--resume", default=None, help="continue from a run folder or checkpoint")
     t.add_argument("--measure-memory", action="store_true", help="measure one step's peak memory first")
+    t.add_argument("--eval-before", action="store_true", help="also evaluate the model before training")
     t.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (DDP via torch.distributed)")
     opts = t.add_argument_group("method options (each applies to the methods that have it)")
     for name, methods in sorted(method_option_fields().items()):
@@ -145,6 +146,7 @@ def cmd_train(ns) -> int:
                           f"{', '.join('--' + o.replace('_', '-') for o in own) or 'none'}")
     args = TrainArgs(model=ns.model, task=ns.task, method=ns.method, options=options, out=ns.out,
                      checkpoint_every=ns.checkpoint_every, resume=ns.resume, measure_memory=ns.measure_memory,
+                     eval_before=ns.eval_before,
                      progress=not ns.no_progress, **_run_settings(ns))
     m = train(args)
     if os.environ.get("RANK", "0") != "0":          # data-parallel run: the main process reports

@@ -66,6 +66,7 @@ class TrainArgs:
     checkpoint_every: int | None = None
     resume: str | None = None
     measure_memory: bool = False
+    eval_before: bool = False                          # also evaluate the untrained start (metrics "before")
     memory_batch_size: int | None = None               # memory run's batch (default: batch_size)
     memory_max_length: int | None = None               # memory run's padded length (default: max_length)
     progress: bool = True
@@ -299,6 +300,10 @@ def train(args: TrainArgs) -> dict:
     bar = tqdm(total=total_steps, initial=progress["step"], desc=f"{args.method}", unit="step",
                disable=not (args.progress and accelerator.is_main_process), dynamic_ncols=True)
     step_times, last_loss = [], float("nan")
+    before = None
+    if args.eval_before and not args.resume:
+        before = evaluate(unwrapped, task.test, collate_eval, args.eval_batch_size, accelerator.device,
+                          progress=args.progress and accelerator.is_main_process)
     model.train()
     while progress["step"] < total_steps:
         # The prepared loader sets its sampler's epoch from its own iteration counter: tell it the real one.
@@ -351,6 +356,7 @@ def train(args: TrainArgs) -> dict:
         "step_time_s": statistics.median(timed) if timed else None,
         "samples_per_s": (args.batch_size * accelerator.num_processes / statistics.median(timed)) if timed else None,
         **results,
+        **({"before": before} if before else {}),
         "train_examples": len(task.train), "test_examples": len(task.test),
         "settings": {k: v for k, v in asdict(args).items() if k not in ("progress",)},
         "config": unwrapped.method_config.to_dict(),

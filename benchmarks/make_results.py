@@ -141,6 +141,30 @@ def targets_section() -> str:
     return "\n".join(rows)
 
 
+def smollm2_section() -> str:
+    path = HERE / "smollm2_causal_lm.json"
+    if not path.exists():
+        return ""
+    rows = json.loads(path.read_text())
+    st = rows[0]["settings"]
+    out = ["## CPU: SmolLM2-135M, a short causal-LM fine-tune on the Rotten Tomatoes texts", "",
+           f"`memtune train --model smollm2-135m --task rotten-tomatoes --objective causal-lm --method METHOD "
+           f"--max-steps {st['max_steps']} --batch-size {st['batch_size']} --max-length {st['max_length']} "
+           f"--train-limit {st['train_limit']} --test-limit {st['test_limit']} --eval-before --measure-memory`; "
+           f"loss and perplexity on the {st['test_limit']} test texts before and after; memory of one step at "
+           f"batch {st['batch_size']} × {st['max_length']} (CPU tracker). The weights are dequantized from a 4-bit GGUF "
+           "file, so absolute perplexities are not comparable with the original model's. Activation peaks at "
+           "256 and 1024 tokens are in the H100 tables above.", "",
+           "| method | trainable | loss before → after | perplexity before → after | peak GiB | activation peak GiB | "
+           "s/step |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['method']} | {r['trainable_params']:,} | {r['before']['eval_loss']:.3f} → "
+                   f"{r['after']['eval_loss']:.3f} | {r['before']['perplexity']:.1f} → {r['after']['perplexity']:.1f} | "
+                   f"{r['peak_bytes'] / GIB:.3f} | {r['activation_peak_bytes'] / GIB:.3f} | {r['step_time_s']:.2f} |")
+    out.append("")
+    return "\n".join(out)
+
+
 def readme_table() -> str:
     """The README's short results table (CPU MiniLM run + the H100 T5-base LST setting), between markers."""
     cpu = _by_label(HERE / "minilm-rotten-tomatoes" / "results.json")
@@ -172,6 +196,7 @@ def main():
              "the commands that made them are given with each table. GiB = 2³⁰ bytes.", ""]
     parts.append(cpu_section("minilm-rotten-tomatoes", "CPU: MiniLM on Rotten Tomatoes (the README's main job)"))
     parts.append(cpu_section("dinov2s-fashion-mnist", "CPU: DINOv2-S on Fashion-MNIST (fixed 2,000 / 400 subset, 112 px, 80 steps)"))
+    parts.append(smollm2_section())
     parts.append(cuda_section())
     parts.append(targets_section())
     for extra in ("notes.md", "plan_lst_table.md", "dtl_trunk_cache.md"):

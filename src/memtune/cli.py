@@ -24,7 +24,6 @@ def _user_errors():
     from .assets import AssetMissing
     from .backbones import UnsupportedModel
     from .checkpoint import CheckpointError
-    from .compare import parse_method_spec  # noqa: F401
     from .data import TaskError
     from .methods import ConfigError
     from .models import ModelError

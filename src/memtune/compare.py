@@ -153,6 +153,5 @@ def plot_memory_vs_accuracy(records: list[dict], path) -> None:
                      fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with_tmp = Path(path)
-    fig.savefig(with_tmp)
+    fig.savefig(path)
     plt.close(fig)

@@ -135,7 +135,7 @@ class _WithIds:
 
 # -- building blocks shared by train, eval and compare -------------------------------------------------
 def build(args: TrainArgs, loaded=None, task=None):
-    """Load model and task and wrap the model: returns (model, task, loaded, collate_train, collate_eval)."""
+    """Load model and task and wrap the model: returns (model, task, loaded, collate)."""
     loaded = loaded or load_model(args.model)
     task = task or load_task(args.task, text_column=args.text_column, label_column=args.label_column,
                              seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit)
@@ -148,9 +148,7 @@ def build(args: TrainArgs, loaded=None, task=None):
     config = config_for(args.method, options)
     model = wrap(loaded, config, num_labels=None if causal else task.num_labels, name=args.model)
     kw = dict(max_length=args.max_length, image_size=args.image_size, causal_lm=causal)
-    collate_train = make_collate(task.kind, loaded.preprocessor, **kw)
-    collate_eval = make_collate(task.kind, loaded.preprocessor, **kw)
-    return model, task, loaded, collate_train, collate_eval
+    return model, task, loaded, make_collate(task.kind, loaded.preprocessor, **kw)
 
 
 def check_length(loaded, max_length: int) -> None:
@@ -209,7 +207,7 @@ def measure_memory(args: TrainArgs) -> dict:
 
     seed_everything(args.seed)
     length = args.memory_max_length or args.max_length
-    model, task, loaded, _, _ = build(args)
+    model, task, loaded, _ = build(args)
     check_length(loaded, length)
     collate = make_collate(task.kind, loaded.preprocessor, max_length=length, image_size=args.image_size,
                            pad_to_max_length=True, causal_lm=args.objective == "causal-lm")
@@ -265,7 +263,7 @@ def train(args: TrainArgs) -> dict:
     memory = measure_memory(args) if args.measure_memory else None
 
     seed_everything(args.seed)
-    model, task, loaded, collate, collate_eval = build(args)
+    model, task, loaded, collate = build(args)
     if getattr(model, "data_init_pending", False) and not args.resume:
         # Data-dependent initialisation (LST's Fisher pruning): single examples of the shuffled training set.
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -302,7 +300,7 @@ def train(args: TrainArgs) -> dict:
     step_times, last_loss = [], float("nan")
     before = None
     if args.eval_before and not args.resume:
-        before = evaluate(unwrapped, task.test, collate_eval, args.eval_batch_size, accelerator.device,
+        before = evaluate(unwrapped, task.test, collate, args.eval_batch_size, accelerator.device,
                           progress=args.progress and accelerator.is_main_process)
     model.train()
     while progress["step"] < total_steps:
@@ -346,7 +344,7 @@ def train(args: TrainArgs) -> dict:
             progress["batch_in_epoch"] = 0
     bar.close()
 
-    results = evaluate(unwrapped, task.test, collate_eval, args.eval_batch_size, accelerator.device,
+    results = evaluate(unwrapped, task.test, collate, args.eval_batch_size, accelerator.device,
                        progress=args.progress and accelerator.is_main_process)
     timed = step_times[2:] or step_times
     metrics = {

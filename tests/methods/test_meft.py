@@ -423,18 +423,24 @@ def test_float64_streams_shrink_the_reconstruction_error():
 
 
 # -- training and checkpoints ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name,num_labels", [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-llama", None)])
-def test_training_reduces_loss_and_checkpoint_round_trips(name, num_labels, tmp_path):
-    model = wrap(name, "meft1", num_labels=num_labels).train()
-    batch = batch_for(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+def train_steps(model, batch, steps: int, lr: float) -> list[float]:
+    """AdamW on the trainable parameters for `steps` steps on one batch; the losses before each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
-    for _ in range(6):
+    for _ in range(steps):
         loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name,num_labels", [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-llama", None)])
+def test_training_reduces_loss_and_checkpoint_round_trips(name, num_labels, tmp_path):
+    model = wrap(name, "meft1", num_labels=num_labels).train()
+    batch = batch_for(model)
+    losses = train_steps(model, batch, steps=6, lr=3e-3)
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path)
     loaded = memtune.load(load_model(name), tmp_path).eval()
@@ -499,14 +505,7 @@ def test_smollm2_default_config_trains_within_tolerance(real_model_threads):
         logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         base = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
     assert abs(loss_rev.item() - base.item()) < 0.5
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(3):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, steps=3, lr=1e-3)
     assert losses[-1] < losses[0]
     # Classification on the same decoder.
     cls = wrap(loaded, "meft1", num_labels=2, segment_layers=1).train()

@@ -21,7 +21,7 @@ def _register_side_methods() -> None:
     """Import the memory-efficient methods; each file lists its config classes in `CONFIGS`."""
     import importlib
 
-    for mod in ("lst", "dtl", "sherl", "meft"):
+    for mod in ("lst", "dtl", "sherl", "meft", "qst"):
         try:
             module = importlib.import_module(f"{__package__}.{mod}")
         except ModuleNotFoundError as e:

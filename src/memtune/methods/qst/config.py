@@ -1,0 +1,89 @@
+"""QST options (Zhang et al., "Quantized Side Tuning: Fast and Memory-Efficient Tuning of Quantized Large
+Language Models", ACL 2024). Data and validation only; the model is in `model.py`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..base import MethodConfig, check
+
+DOWNSAMPLES = ("adapter", "linear", "lora", "avgpool", "maxpool")
+GATES = ("vector", "scalar")
+MIXES = ("paper", "sigmoid")
+ATTENTIONS = ("auto", "eager", "sdpa")
+DEFAULT_R = 16
+
+
+@dataclass
+class QSTConfig(MethodConfig):
+    """Quantized Side Tuning: a frozen (e.g. 4-bit) backbone run without autograd, read at every layer by a
+    side network of width d/r, whose output is mixed with the backbone's last hidden state.
+
+    r            reduction factor: side width d' = d/r, FFN width ⌊d_ff/r⌋, heads (and KV heads) kept, so
+                 d/r must be a whole number divisible by the head count (Llama-like: with an even head
+                 width, for rotary positions). None (default) means the paper's 16 where it fits; a
+                 backbone too narrow for 16 gets the largest r below 16 that fits, with a warning. An
+                 explicit r that does not fit is refused with the values that do.
+    k            rank of the adapter/LoRA downsample (paper and code: 16).
+    downsample   how each backbone layer's output (B×T×d) is read into the side width (B×T×d'):
+                   "adapter"  LN(W_B·swish(W_A·x)), W_A: k×d, W_B: d'×k, no biases (the paper's best, default)
+                   "lora"     LN(W_B·W_A·x), the same without the activation
+                   "linear"   W·x, W: d'×d, no bias
+                   "avgpool"  mean over r contiguous channels ("gradient-free": no parameters, nothing
+                              of the backbone is kept for backward)
+                   "maxpool"  max over r contiguous channels (no parameters)
+    gate         "vector": z_i ∈ ℝ^{d'} starting at 0.5 (released code, β = σ(0.5) = 0.62);
+                 "scalar": one γ_i starting at 0 (paper, β = 0.5). s ← (1−β)⊙D_i(h_i) + β⊙s.
+    mix          output o from h_N (backbone, final-normed) and u = Up(Norm_side(s_N)):
+                   "paper"    o = α⊙h_N + (1−α)⊙u, α ∈ ℝ^d starting at 1: the model starts exactly at
+                              the pretrained one (default);
+                   "sigmoid"  o = σ(λ)⊙h_N + (1−σ(λ))⊙u, λ ∈ ℝ^d starting at `lambda_init`
+                              (released LLaMA code: 1, so the start is 0.73·h_N plus 0.27·u).
+                 α or λ is a trained parameter in both forms.
+    lambda_init  the start of λ for mix="sigmoid".
+    attention    the side blocks' attention kernel: "auto" (the backbone's own setting; SDPA gives fused
+                 attention that stores no B·H·T² maps), "eager" or "sdpa".
+    side_checkpointing
+                 recompute each side step (gate fusion, downsample, side block) in backward instead of
+                 keeping its activations. This is not the `gc` technique: the backbone is never on the
+                 backprop path, so only the side network has activations to recompute.
+
+    Learning rate: `default_lr` = 2e-4 is the paper's value for decoders (Table 9: LLaMA-2-7B/13B and
+    OPT up to 6.7B; Table 8: GLUE on OPT). Small encoders (BERT/ViT families, d of a few hundred) train a
+    new classifier on pooled features plus a side network a few dozen channels wide, for a few epochs;
+    2e-4 moves those too slowly, so `lr_for("bert")` / `lr_for("vit")` give 1e-3: between LoRA's and
+    SHERL's 5e-4 and LST's 3e-3, lower than LST's because QST starts at the pretrained model (the side
+    path enters through α) rather than from a side network that must first learn to carry the signal.
+    The training loop reads `default_lr` alone (it does not know the family before the model is built),
+    so on encoders pass `--lr 1e-3`.
+    """
+
+    name = "qst"
+    families = ("bert", "vit", "llama")
+    default_lr = 2e-4
+    encoder_lr = 1e-3
+    r: int | None = None
+    k: int = 16
+    downsample: str = "adapter"
+    gate: str = "vector"
+    mix: str = "paper"
+    lambda_init: float = 1.0
+    attention: str = "auto"
+    side_checkpointing: bool = False
+
+    def validate(self):
+        check(self.r is None or self.r >= 1,
+              f"qst.r must be a positive integer (the side network is d/r wide) or none, got {self.r}")
+        check(self.k >= 1, f"qst.k (the adapter rank) must be a positive integer, got {self.k}")
+        check(self.downsample in DOWNSAMPLES,
+              f"qst.downsample must be one of {', '.join(DOWNSAMPLES)}; got {self.downsample!r}")
+        check(self.gate in GATES, f"qst.gate must be one of {', '.join(GATES)}; got {self.gate!r}")
+        check(self.mix in MIXES, f"qst.mix must be one of {', '.join(MIXES)}; got {self.mix!r}")
+        check(math.isfinite(self.lambda_init), f"qst.lambda_init must be a finite number, got {self.lambda_init}")
+        check(self.attention in ATTENTIONS,
+              f"qst.attention must be one of {', '.join(ATTENTIONS)}; got {self.attention!r}")
+
+    @classmethod
+    def lr_for(cls, family: str) -> float:
+        """The default learning rate for a backbone family (see the class docstring)."""
+        return cls.default_lr if family == "llama" else cls.encoder_lr

@@ -15,7 +15,7 @@ bit-identical (they are on the CPU; on a GPU, kernels that are not deterministic
 Measured (fp32, eager attention, AdamW, batch 32, 1024 examples, --synthetic, one H100, cache in GPU memory;
 seconds per epoch 2+, uncached → cached): DINOv2-S 224 px DTL 0.85 → 0.61 (1.39×), DTL+ 0.88 → 0.68 (1.31×);
 MiniLM ≤64 tokens DTL 0.43 → 0.42, DTL+ 0.50 → 0.45 (launch-bound at this size). With the cache in host
-memory (--cache-device cpu) DINOv2-S slowed to 0.57× (the host-to-device copy costs more than the trunk).
+memory (now the only in-memory place) DINOv2-S slowed to 0.57× (the host-to-device copy costs more than the trunk).
 Real weights on a busy 2-core CPU (64 examples, batch 16; noisy): DINOv2-S + Fashion-MNIST 1.34×,
 MiniLM + rotten-tomatoes 1.70×. Losses were bit-identical in every run, on the GPU as on the CPU.
 """
@@ -88,8 +88,6 @@ def train(loaded, num_labels, batches, epochs, device, cache, args):
     opts = {"cache_trunk": cache, "cache_max_bytes": args.cache_max_bytes}
     if cache and args.cache_dir:
         opts["cache_dir"] = args.cache_dir
-    if cache and args.cache_device:
-        opts["cache_device"] = args.cache_device
     loaded.model.to("cpu")          # initialise the side network on the CPU's generator in every run
     torch.manual_seed(0)
     model = memtune.wrap(loaded, config_for(args.method, opts), num_labels=num_labels).to(device).train()
@@ -132,7 +130,6 @@ def main():
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache-dir", default=None, help="memory-map the cache in this folder (default: in memory)")
-    p.add_argument("--cache-device", default=None, help="in-memory cache device (default: the model's)")
     p.add_argument("--cache-max-bytes", type=int, default=16 * 2**30)
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True) (GPU: also set CUBLAS_WORKSPACE_CONFIG=:4096:8)")

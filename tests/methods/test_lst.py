@@ -420,8 +420,14 @@ def test_widths_follow_the_reduction_factor():
         (16, 32, 4, 4, 2)
     bert = wrap("tiny-bert", r=3)     # 64/3 is not a multiple of H=4: the nearest width H divides
     assert bert.side_configs["encoder"].hidden_size == 4 * round(16 / 3)
-    for m in (t5, llama, bert):
-        assert all(c._attn_implementation == "eager" for c in m.side_configs.values())
+    # Fused side attention by default where the family has it (T5: eager), with its probability dropout 0.
+    assert all(c._attn_implementation == "eager" and c.dropout_rate == 0.1 for c in t5.side_configs.values())
+    assert llama.side_configs["decoder"]._attn_implementation == "sdpa"
+    assert llama.side_configs["decoder"].attention_dropout == 0.0
+    cb = bert.side_configs["encoder"]
+    assert (cb._attn_implementation, cb.attention_probs_dropout_prob, cb.hidden_dropout_prob) == ("sdpa", 0.0, 0.1)
+    eager = wrap("tiny-bert", attention="eager").side_configs["encoder"]
+    assert (eager._attn_implementation, eager.attention_probs_dropout_prob) == ("eager", 0.1)
 
 
 def test_llama_causal_lm_uses_the_frozen_lm_head_and_is_causal():
@@ -512,3 +518,56 @@ def test_fused_side_attention_saves_less_and_computes_the_same():
         saved[attention] = saved_bytes(model, lambda: model(**batch).loss)
     torch.testing.assert_close(out["sdpa"], out["eager"], rtol=1e-4, atol=1e-5)
     assert saved["sdpa"] < saved["eager"]
+
+
+@pytest.mark.parametrize("name, num_labels", [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-llama", None)])
+def test_fused_side_attention_gradients_equal_eager_and_no_maps_are_saved(name, num_labels):
+    """Side dropout off, fp32: the fused kernel gives the eager path's gradients, and its side blocks save no
+    T×T tensor. Tolerance: the flash kernel sums the softmax and P·V over keys in blocks with an online
+    max (another order than eager's), ≤ T·2⁻²⁴ ≈ 1e-6 relative per attention for T ≤ 17; through ≤ 4 side
+    blocks, forward and backward, well below the asserted 1e-4 relative (atol 1e-5 × the largest gradient
+    entry of the model, for entries that cancel to about zero)."""
+    grads, maps = {}, {}
+    for attention in ("eager", "sdpa"):
+        model = wrap(name, num_labels, attention=attention, dropout=0.0).train()
+        batch = batch_for(model)
+        if "attention_mask" in batch:                      # no padding: no T×T mask tensor either
+            batch["attention_mask"].fill_(1)
+            batch["input_ids"].clamp_(min=5)
+            if model.objective == "causal-lm":
+                batch["labels"] = batch["input_ids"].clone()
+        T = (batch["input_ids"] if "input_ids" in batch else model.backbone.embed(batch)[0]).shape[1]
+        shapes = []
+        blocks = list(model.output_stack.blocks.values())
+        with count_saved_inside(blocks, model):            # hooks toggle; record shapes via our own pack
+            def pack(t):
+                shapes.append(tuple(t.shape))
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(**batch).loss
+        loss.backward()
+        maps[attention] = [s for s in shapes if len(s) >= 2 and s[-2:] == (T, T)]
+        grads[attention] = {n: p.grad.clone() for n, p in model.trainable_named_parameters()}
+    assert maps["eager"] and not maps["sdpa"], maps["sdpa"]
+    scale = max(g.abs().max().item() for g in grads["eager"].values())   # entries that cancel to ~0 need an atol
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["sdpa"][n], g, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_side_heads_sets_the_side_head_count():
+    bert = wrap("tiny-bert", r=2, side_heads=2)            # d' = 32: 2 heads of 16 instead of 4 of 8
+    c = bert.side_configs["encoder"]
+    assert (c.num_attention_heads, c.hidden_size) == (2, 32)
+    vit = wrap("tiny-vit", r=2, side_heads=1)
+    c = vit.side_configs["encoder"]
+    assert (c.num_attention_heads, c.head_dim, c.hidden_size) == (1, 32, 32)
+    for model in (bert, vit):
+        batch = batch_for(model)
+        model(**batch).loss.backward()
+        assert all(p.grad is None for p in model.backbone.parameters())
+    assert wrap("tiny-bert").side_configs["encoder"].num_attention_heads == 4     # default: the backbone's H
+    for other in ("tiny-llama", "tiny-t5"):
+        with pytest.raises(ConfigError, match="side_heads=2: another head count"):
+            wrap(other, side_heads=2)
+    with pytest.raises(ConfigError, match="lst.side_heads must be a positive head count"):
+        config_for("lst", {"side_heads": 0})

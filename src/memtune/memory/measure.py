@@ -6,6 +6,8 @@ CUDA: allocator statistics (`max_memory_allocated`, `max_memory_reserved`) over 
 after `warmup` full steps (AdamW's state exists only after the first), peak stats reset in between.
 CPU (and anything else): the exact live-bytes tracker, split by category.
 activation_peak = peak − bytes allocated at the start of the step (the MEFT paper's definition).
+host_cache_bytes: a method's trunk cache (`model.cache_bytes`), held in host memory or a file and not part
+of the peak; None for methods without one. The warmup steps fill it, so the measured step replays it.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class MemoryReport:
     split: dict[str, int] = field(default_factory=dict)        # at the peak (CPU tracker)
     static: dict[str, int] = field(default_factory=dict)       # numel × element size
     saved_activation_bytes: int | None = None                  # max bytes held for backward (CPU)
+    host_cache_bytes: int | None = None                        # a method's trunk cache in host memory/file
 
     def to_dict(self):
         return asdict(self)
@@ -77,7 +80,7 @@ def _measure_cuda(model, batch, optimizer, steps, autocast, device) -> MemoryRep
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     return MemoryReport("cuda", peak, start, peak - start, torch.cuda.max_memory_reserved(device),
-                        static=static_bytes(model, optimizer))
+                        static=static_bytes(model, optimizer), host_cache_bytes=getattr(model, "cache_bytes", None))
 
 
 def _measure_tracked(model, batch, optimizer, steps, autocast, device) -> MemoryReport:
@@ -91,4 +94,5 @@ def _measure_tracked(model, batch, optimizer, steps, autocast, device) -> Memory
             best = r
     return MemoryReport(device.type, best.peak_bytes, best.start_bytes, best.peak_bytes - best.start_bytes,
                         split=best.peak_split, static=static_bytes(model, optimizer),
-                        saved_activation_bytes=best.max_activation_bytes)
+                        saved_activation_bytes=best.max_activation_bytes,
+                        host_cache_bytes=getattr(model, "cache_bytes", None))

@@ -59,6 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ConfigError, MemtuneModel, MethodConfig, check
+from .common.compact_linear import TAP_STORAGES, TapLinear
+from .common.trunk_cache import TrunkCacheOptions, cached_trunk, check_trunk_deterministic, trunk_eval_mode
 
 EPS = 1e-6
 PROJECTIONS = ("auto", "gated", "linear-ln")
@@ -69,9 +71,9 @@ RESTORES = ("linear", "linear-ln")
 class GatedProjection(nn.Module):
     """P_l of the CLIP-ViL / T5 code: u = ReLU(W₁F + b₁); F' = (W₂u + b₂ + u) ⊙ σ(W₃u + b₃)."""
 
-    def __init__(self, D: int, d: int):
+    def __init__(self, D: int, d: int, tap_storage: str = "full"):
         super().__init__()
-        self.down = nn.Linear(D, d)
+        self.down = TapLinear(D, d, tap_storage=tap_storage)     # reads a frozen feature F_l
         self.value = nn.Linear(d, d)
         self.gate = nn.Linear(d, d)
 
@@ -80,10 +82,11 @@ class GatedProjection(nn.Module):
         return (self.value(u) + u) * torch.sigmoid(self.gate(u))
 
 
-def make_projection(kind: str, D: int, d: int) -> nn.Module:
+def make_projection(kind: str, D: int, d: int, tap_storage: str = "full") -> nn.Module:
+    """P_l; its first linear map reads the frozen F_l and keeps it as `tap_storage` for its weight gradient."""
     if kind == "gated":
-        return GatedProjection(D, d)
-    return nn.Sequential(nn.Linear(D, d), nn.LayerNorm(d))   # B×K×D → B×K×d
+        return GatedProjection(D, d, tap_storage)
+    return nn.Sequential(TapLinear(D, d, tap_storage=tap_storage), nn.LayerNorm(d))   # B×K×D → B×K×d
 
 
 def make_restore(kind: str, d: int, D: int) -> nn.Module:
@@ -109,11 +112,12 @@ class MTSA(nn.Module):
     """Multi-Tiered Sensing Adapter: n collected features B×K×D → X̃ B×K×D (see the module docstring)."""
 
     def __init__(self, num_features: int, D: int, d: int, projection: str = "linear-ln",
-                 restore: str = "linear", gate_init: float = 0.0, temperature: float = 0.1):
+                 restore: str = "linear", gate_init: float = 0.0, temperature: float = 0.1,
+                 tap_storage: str = "full"):
         super().__init__()
         if num_features < 2:
             raise ConfigError(f"sherl: the aggregator needs at least 2 collected features, got {num_features}")
-        self.proj = nn.ModuleList(make_projection(projection, D, d) for _ in range(num_features))
+        self.proj = nn.ModuleList(make_projection(projection, D, d, tap_storage) for _ in range(num_features))
         self.relevance = nn.Linear(d, 1)                     # w_a ∈ ℝ^d, scalar b_a
         self.up = make_restore(restore, d, D)
         # Shape (1,), not a 0-dim scalar: FSDP2 refuses to shard 0-dim parameters.
@@ -180,7 +184,8 @@ class SHERLModel(MemtuneModel):
         self.side_width = d
 
         def mtsa(n):
-            return MTSA(n, D, d, projection, config.restore, config.gate_init, config.temperature)
+            return MTSA(n, D, d, projection, config.restore, config.gate_init, config.temperature,
+                        config.tap_storage)
 
         self.taps = collected_blocks(self.num_early, drop_every)
         self.mtsa = mtsa(1 + len(self.taps))
@@ -192,6 +197,15 @@ class SHERLModel(MemtuneModel):
             self.encoder_mtsa = mtsa(1 + len(self.encoder_taps))
             self.encoder_side_norm = T5LayerNorm(D, eps=eps)  # weight = ones
             self.side_norm = T5LayerNorm(D, eps=eps)          # replaces the decoder's final norm
+        if config.cache_trunk:
+            check(not self.is_t5, "sherl.cache_trunk is supported for bert, vit and llama backbones, not t5")
+            check_trunk_deterministic("sherl", [backbone], config.trunk_dropout)
+        self.trunk_cache = config.make_trunk_cache()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Host bytes held by the trunk cache (0 without one)."""
+        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
 
     @property
     def late_blocks(self) -> list[nn.Module]:
@@ -219,9 +233,21 @@ class SHERLModel(MemtuneModel):
         bb = self.backbone
         if self.is_t5:
             return self._t5_features(batch)
-        with torch.no_grad():
+        with torch.no_grad(), trunk_eval_mode(bb, not self.method_config.trunk_dropout):
             h, ctx = bb.embed(batch)
-            feats = self._early(h, ctx, bb.run_block, self.num_early, self.taps)
+            mask = ctx.get("token_mask")
+            cache = self.trunk_cache if self.training else None
+            # With the cache (which stores real rows only) padded rows of the features are zero; real rows
+            # are the same either way, since real tokens never attend to padded keys.
+            real = (None if cache is None or mask is None or bool(mask.all())
+                    else mask.to(h.dtype).unsqueeze(-1))       # B×K×1
+
+            def compute():                                     # the collected early outputs, B×K×D each
+                feats = self._early(h, ctx, bb.run_block, self.num_early, self.taps)[1:]
+                return feats if real is None else [f * real for f in feats]
+
+            feats = cached_trunk(cache, batch, mask, bb.input_keys, compute, h)
+            feats = [h if real is None else h * real] + feats
         x = self.mtsa(feats)                                   # X̃: B×K×D, the only graph so far
         for i in range(self.num_early, bb.num_layers):
             x = bb.run_block(i, x, ctx)                        # frozen weights, gradient flows through
@@ -231,7 +257,7 @@ class SHERLModel(MemtuneModel):
     def _t5_features(self, batch):
         bb = self.backbone
         enc, dec = bb.model.encoder, bb.model.decoder
-        with torch.no_grad():
+        with torch.no_grad(), trunk_eval_mode(bb, not self.method_config.trunk_dropout):
             h, ctx = bb.embed(batch)
             enc_feats = self._early(h, ctx, bb.run_block, bb.num_layers, self.encoder_taps)
             memory = bb.finish_encoder(enc_feats[-1])          # B×Ts×D, read by the early decoder blocks
@@ -246,9 +272,15 @@ class SHERLModel(MemtuneModel):
 
 
 @dataclass
-class SHERLConfig(MethodConfig):
+class SHERLConfig(TrunkCacheOptions, MethodConfig):
     """SHERL (Diao et al., ECCV 2024): frozen early layers without a graph, a multi-tiered sensing adapter
-    over their outputs, and the last pretrained layer(s) as a frozen late route."""
+    over their outputs, and the last pretrained layer(s) as a frozen late route.
+
+    tap_storage: how each projection P_l keeps its frozen input F_l for the weight gradient ("full", "bf16",
+    "int8"; methods/common/compact_linear.py). trunk_dropout: the early route runs in the module's train
+    mode (default, as the paper); false runs it in eval mode, deterministic, as cache_trunk needs on a
+    backbone with dropout. cache_*: the trunk cache of the early route (methods/common/trunk_cache.py;
+    bert, vit, llama)."""
     name = "sherl"
     model_class = SHERLModel
     families = ("bert", "vit", "t5", "llama")
@@ -260,6 +292,8 @@ class SHERLConfig(MethodConfig):
     projection: str = "auto"            # P_l: "gated" | "linear-ln" | "auto" (gated on T5, else linear-ln)
     restore: str = "linear"             # U: "linear" | "linear-ln"
     drop_every: Optional[int] = None    # skip outputs of blocks i % k == 0; None: 4 on T5, 0 (keep all) else
+    tap_storage: str = "full"           # saved F_l of each P_l: "full" | "bf16" | "int8"
+    trunk_dropout: bool = True          # early route in the module's train mode (false: eval mode)
 
     def validate(self):
         check(self.r >= 1, f"sherl.r must be a positive integer (side width = hidden_size // r), got {self.r}")
@@ -270,6 +304,9 @@ class SHERLConfig(MethodConfig):
         check(self.restore in RESTORES, f"sherl.restore must be one of {', '.join(RESTORES)}, got {self.restore!r}")
         check(self.drop_every is None or self.drop_every >= 0,
               f"sherl.drop_every must be None or >= 0 (0 keeps every layer), got {self.drop_every}")
+        check(self.tap_storage in TAP_STORAGES,
+              f"sherl.tap_storage must be one of {', '.join(TAP_STORAGES)}, got {self.tap_storage!r}")
+        self.validate_trunk_cache()
 
 
 CONFIGS = [SHERLConfig]

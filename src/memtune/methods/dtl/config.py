@@ -4,16 +4,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from ..base import ConfigError, MethodConfig, check
+from ..base import MethodConfig, check
+from ..common.compact_linear import TAP_STORAGES
+from ..common.trunk_cache import TrunkCacheOptions
 from .model import DTLModel
 
 FUSIONS = ("dwconv",)
 
 
 @dataclass
-class DTLConfig(MethodConfig):
+class DTLConfig(TrunkCacheOptions, MethodConfig):
     """Compact Side Network: rank-r reads of block inputs, accumulated and added back (θ_β) to later outputs.
 
     rank         r of each read (A_i: r×D, B_i: D×r, B zero-initialised).
@@ -29,12 +29,11 @@ class DTLConfig(MethodConfig):
     trunk_dropout  run the frozen trunk (embedding, blocks 0..s₀) in the module's train mode, i.e. with dropout
                  / DropPath as the reference code does. Default false: the trunk always runs in eval mode, which
                  keeps it deterministic (required by cache_trunk).
-    cache_trunk  replay the trunk's outputs from a `TrunkCache` after the first epoch (training mode only;
-                 needs batch["example_id"], and inputs that are not augmented). Bit-identical to not caching.
-    cache_dir    store the cache in a memory-mapped file in this folder instead of in memory.
-    cache_device where the in-memory cache lives: none = the device the trunk runs on (GPU memory on a GPU:
-                 replaying from host memory is slower there than recomputing a small trunk), or e.g. "cpu".
-    cache_max_bytes  the most bytes the cache may hold; going over raises a clear error.
+    tap_storage  how the reads A_i of trunk blocks (i ≤ s₀, frozen inputs) keep their input for the weight
+                 gradient: "full", "bf16" or "int8" (see `methods/common/compact_linear.py`).
+    cache_*      the trunk cache (`methods/common/trunk_cache.py`): cache_trunk replays the trunk's outputs
+                 after the first epoch from host memory (or cache_dir), verified by an input checksum on every
+                 hit. Bit-identical to not caching with cache_dtype=full.
     """
     name = "dtl"
     model_class = DTLModel
@@ -46,10 +45,7 @@ class DTLConfig(MethodConfig):
     fusion: str | None = None
     kernel: int = 3
     trunk_dropout: bool = False
-    cache_trunk: bool = False
-    cache_dir: str | None = None
-    cache_device: str | None = None
-    cache_max_bytes: int = 4 * 2**30
+    tap_storage: str = "full"
 
     def validate(self):
         n = self.name
@@ -67,23 +63,11 @@ class DTLConfig(MethodConfig):
             check(len(blocks) > 0, f"{n}.{field} must list at least one block index (or be none for the default)")
             check(all(b >= 0 for b in blocks), f"{n}.{field} must be block indices >= 0, got {list(blocks)}")
             check(len(set(blocks)) == len(blocks), f"{n}.{field} repeats a block index: {list(blocks)}")
-        check(self.cache_max_bytes >= 1, f"{n}.cache_max_bytes must be a positive number of bytes, "
-                                         f"got {self.cache_max_bytes}")
+        check(self.tap_storage in TAP_STORAGES,
+              f"{n}.tap_storage must be one of {', '.join(TAP_STORAGES)}, got {self.tap_storage!r}")
+        self.validate_trunk_cache()
         check(not (self.cache_trunk and self.trunk_dropout),
               f"{n}: cache_trunk needs a deterministic trunk, so it cannot be combined with trunk_dropout=true")
-        check(self.cache_dir is None or self.cache_trunk,
-              f"{n}.cache_dir={self.cache_dir!r} is only used with cache_trunk=true")
-        check(self.cache_device is None or self.cache_trunk,
-              f"{n}.cache_device={self.cache_device!r} is only used with cache_trunk=true")
-        check(self.cache_device is None or self.cache_dir is None,
-              f"{n}: cache_dir keeps the cache on disk, so cache_device={self.cache_device!r} cannot apply; give one")
-        if self.cache_device is not None:
-            try:
-                torch.device(self.cache_device)
-            except (RuntimeError, ValueError):
-                raise ConfigError(f"{n}.cache_device must be a torch device such as cpu or cuda:0, "
-                                  f"got {self.cache_device!r}") from None
-
 
 @dataclass
 class DTLPlusConfig(DTLConfig):

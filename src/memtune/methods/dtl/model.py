@@ -25,13 +25,11 @@ Choices the paper leaves open (documented here, tested in tests/methods/test_dtl
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
 from ..base import ConfigError, MemtuneModel
-from .cache import TrunkCache, TrunkCacheError
+from ..common.trunk_cache import TrunkCache, cached_trunk, trunk_eval_mode
 from .side import Injection, LowRankRead
 
 
@@ -70,15 +68,21 @@ class DTLModel(MemtuneModel):
         p = next(backbone.parameters())
         kw = {"device": p.device, "dtype": p.dtype}
         # A_i: r×D (Linear default init), B_i: D×r zeros, one pair per read block.
-        self.reads = nn.ModuleDict({str(i): LowRankRead(d, config.rank, **kw) for i in read})
+        # Reads of trunk blocks (i ≤ s₀) see constants: their A_i keeps its input as `tap_storage`.
+        self.reads = nn.ModuleDict({str(i): LowRankRead(d, config.rank, config.tap_storage if i <= add[0] else "full",
+                                                        **kw) for i in read})
         # One G∘θ_β shared by every add-back (DTL+: the single depthwise conv is shared).
         layout = "grid" if backbone.family == "vit" else "sequence"
         self.inject = Injection(d, config.beta, config.fusion, config.kernel, layout, **kw)
         if self.head is not None:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
-        self.trunk_cache: TrunkCache | None = (
-            TrunkCache(config.cache_max_bytes, config.cache_dir, config.cache_device) if config.cache_trunk else None)
+        self.trunk_cache: TrunkCache | None = config.make_trunk_cache()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Host bytes held by the trunk cache (0 without one)."""
+        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
 
     @property
     def feature_size(self) -> int:
@@ -90,68 +94,38 @@ class DTLModel(MemtuneModel):
         return {"head.bias"} if self.head is not None else set()
 
     # -- the frozen trunk -----------------------------------------------------------------------------
-    @contextmanager
     def _trunk_mode(self):
         """Run the trunk in eval mode (unless trunk_dropout), restoring every module's flag afterwards."""
-        if self.method_config.trunk_dropout:
-            yield
-            return
-        modes = [(m, m.training) for m in self.backbone.modules()]
-        for m, _ in modes:
-            m.training = False
-        try:
-            yield
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        return trunk_eval_mode(self.backbone, not self.method_config.trunk_dropout)
 
     def _trunk(self, batch):
-        """Embedding and blocks 0..s₀ without a graph (or from the trunk cache).
+        """Embedding and blocks 0..s₀ without a graph (or replayed from the trunk cache).
 
         Returns (y, taps, ctx): y = output of block s₀ before its injection (B×T×D), taps = [(i, x_i)] for
         the read blocks i ≤ s₀, ctx = the backbone's context for the later blocks.
         """
         cache = self.trunk_cache if self.training else None
-        ids = None
-        if cache is not None:
-            if batch.get("example_id") is None:
-                raise TrunkCacheError(
-                    "cache_trunk=True needs batch['example_id']: an integer tensor (B,) naming each example "
-                    "stably across epochs (e.g. its dataset index); the training data loader must supply it")
-            ids = [int(i) for i in batch["example_id"].reshape(-1).tolist()]
-        early = [i for i in self.read_blocks if i <= self.s0]
+        later = [i for i in self.read_blocks if 0 < i <= self.s0]
         with torch.no_grad(), self._trunk_mode():
-            x, ctx = self.backbone.embed(batch)                       # x_0: B×T×D
+            x0, ctx = self.backbone.embed(batch)                      # x_0: B×T×D
             mask = ctx.get("token_mask")
-            keep = None if mask is None else mask.to(x.dtype).unsqueeze(-1)   # B×T×1: 1 real, 0 padded
-            rows_mask = (torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None
-                         else mask.bool())                           # B×T
+            keep = None if mask is None else mask.to(x0.dtype).unsqueeze(-1)   # B×T×1: 1 real, 0 padded
             if keep is not None:
-                x = x * keep
-            if cache is not None:
-                if len(ids) != x.shape[0]:
-                    raise TrunkCacheError(f"batch['example_id'] has {len(ids)} ids for a batch of {x.shape[0]}")
-                lengths = rows_mask.sum(1).tolist()
-                if cache.contains_all(ids):
-                    # Replay: K stored tensors per row (x_i for read blocks 1..s0, then block s0's output).
-                    rows = cache.get(ids, lengths).to(x.device)          # (Σ T_e)×K×D
-                    k = rows.shape[1]
-                    stored = rows.new_zeros(k, *x.shape)                 # K×B×T×D, padded rows stay 0
-                    stored.permute(1, 2, 0, 3)[rows_mask] = rows
-                    later = [i for i in early if i > 0]
-                    taps = ([(0, x)] if 0 in early else []) + [(i, stored[j]) for j, i in enumerate(later)]
-                    return stored[k - 1], taps, ctx
-            taps = []
-            for i in range(self.s0 + 1):
-                if i in self._read_set:
-                    taps.append((i, x))
-                x = self.backbone.run_block(i, x, ctx)
-                if keep is not None:
-                    x = x * keep
-            if cache is not None:
-                stored = [t for i, t in taps if i > 0] + [x]
-                cache.put(ids, torch.stack(stored, dim=2)[rows_mask], lengths)   # (Σ T_e)×K×D
-        return x, taps, ctx
+                x0 = x0 * keep
+
+            def compute():                                            # [x_i for i in later] + [block s₀'s output]
+                x, outs = x0, []
+                for i in range(self.s0 + 1):
+                    if i in later:
+                        outs.append(x)
+                    x = self.backbone.run_block(i, x, ctx)
+                    if keep is not None:
+                        x = x * keep
+                return outs + [x]
+
+            stored = cached_trunk(cache, batch, mask, self.backbone.input_keys, compute, x0)
+        taps = ([(0, x0)] if 0 in self._read_set else []) + list(zip(later, stored[:-1]))
+        return stored[-1], taps, ctx
 
     # -- the whole forward ----------------------------------------------------------------------------
     def features(self, batch):

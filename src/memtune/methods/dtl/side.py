@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common.compact_linear import TapLinear
+
 
 class _Swish(torch.autograd.Function):
     """u·σ(βu) that saves only u for backward (plain autograd would also keep σ(βu): B×T×D more)."""
@@ -36,9 +38,10 @@ def swish(u: torch.Tensor, beta: float) -> torch.Tensor:
 class LowRankRead(nn.Module):
     """x ↦ (x Aᵀ) Bᵀ: what block i's input adds to the side state h. `down.weight` is A, `up.weight` is B."""
 
-    def __init__(self, d: int, rank: int, device=None, dtype=None):
+    def __init__(self, d: int, rank: int, tap_storage: str = "full", device=None, dtype=None):
         super().__init__()
-        self.down = nn.Linear(d, rank, bias=False, device=device, dtype=dtype)   # A: r×D, kaiming_uniform(a=√5)
+        # A: r×D, kaiming_uniform(a=√5); a frozen input is saved as `tap_storage` for A's gradient.
+        self.down = TapLinear(d, rank, bias=False, tap_storage=tap_storage, device=device, dtype=dtype)
         self.up = nn.Linear(rank, d, bias=False, device=device, dtype=dtype)     # B: D×r
         nn.init.zeros_(self.up.weight)   # side output 0 at init: the model starts as the backbone
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import MethodConfig, check
+from ..common.compact_linear import TAP_STORAGES
+from ..common.trunk_cache import TrunkCacheOptions
 
 INITS = ("random", "magnitude", "fisher")
 
 
 @dataclass
-class LSTConfig(MethodConfig):
+class LSTConfig(TrunkCacheOptions, MethodConfig):
     """Ladder Side-Tuning: a frozen backbone and a narrow side network of the same block type.
 
     r                 reduction factor: side width d' = d/r, FFN width d_ff/r, per-head width d_kv/r,
@@ -33,11 +35,24 @@ class LSTConfig(MethodConfig):
                                      ablation reports it as worse).
     fisher_samples    number of single-example backward passes for the Fisher importance (paper: 1024).
     dropout           dropout of the side path (W0 input, the input of W_up) and of the side blocks.
-    attention         the side blocks' attention kernel: "auto" (default: the backbone's own, so LST is
-                      compared with the baselines on equal terms), "eager" (as the paper measured: the
-                      B·H·T² attention maps are stored for backward, and since H is kept they do not
-                      shrink with r) or "sdpa" (fused attention: no maps stored where the kernel
-                      supports the side dropout).
+    attention         the side blocks' attention kernel: "sdpa" (fused attention: no B·H·T² maps are
+                      stored for backward; on the CPU PyTorch's flash kernel runs when the attention-
+                      probability dropout is 0), "eager" (as the paper measured: softmax output, dropout
+                      mask and dropped map are stored, and since H is kept they do not shrink with r) or
+                      "auto" (default: sdpa where the family's side block has it, i.e. bert, vit, llama;
+                      eager for T5 and MPNet, whose attention classes have no fused path).
+    attention_dropout dropout on the side attention probabilities. None (default): 0 when the side
+                      attention is fused (a dropout > 0 makes PyTorch fall back to the map-storing math
+                      kernel), `dropout` when eager (as the paper).
+    side_heads        head count of the side blocks (None: the backbone's H, as the paper). Fewer heads
+                      for a narrow backbone give wider side heads; bert (not MPNet) and vit only.
+    tap_storage       how the ladders keep their frozen input (a backbone tap) for the weight gradient:
+                      "full", "bf16" or "int8" (per-token absmax scale); see methods/common/compact_linear.
+    trunk_dropout     run the frozen backbone in the module's train mode (its dropout active), as the
+                      paper. False runs it in eval mode: deterministic, which cache_trunk needs when the
+                      backbone has dropout.
+    cache_*           the trunk cache (methods/common/trunk_cache.py): backbone taps computed once per
+                      training example and replayed in later epochs (bert, vit, llama).
     """
 
     name = "lst"
@@ -50,6 +65,10 @@ class LSTConfig(MethodConfig):
     fisher_samples: int = 1024
     dropout: float = 0.1
     attention: str = "auto"
+    attention_dropout: float | None = None
+    side_heads: int | None = None
+    tap_storage: str = "full"
+    trunk_dropout: bool = True
 
     def validate(self):
         check(self.r >= 1, f"lst.r must be a positive integer (the side network is d/r wide), got {self.r}")
@@ -59,6 +78,13 @@ class LSTConfig(MethodConfig):
         check(0 <= self.dropout < 1, f"lst.dropout must be in [0, 1), got {self.dropout}")
         check(self.attention in ("auto", "eager", "sdpa"),
               f"lst.attention must be auto, eager or sdpa, got {self.attention!r}")
+        check(self.attention_dropout is None or 0 <= self.attention_dropout < 1,
+              f"lst.attention_dropout must be none or in [0, 1), got {self.attention_dropout}")
+        check(self.side_heads is None or self.side_heads >= 1,
+              f"lst.side_heads must be a positive head count (or none for the backbone's), got {self.side_heads}")
+        check(self.tap_storage in TAP_STORAGES,
+              f"lst.tap_storage must be one of {', '.join(TAP_STORAGES)}, got {self.tap_storage!r}")
+        self.validate_trunk_cache()
         if self.keep_layers is not None:
             keep = self.keep_layers
             check(len(keep) > 0, "lst.keep_layers must name at least one layer (or be None for all layers)")

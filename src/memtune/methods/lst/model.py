@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from ..base import MemtuneModel
+from ..base import MemtuneModel, check
+from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
 from .fisher import fisher_importance
 from .prune import Pruner, embedding_dims
 from .side import SideStack, family_init, make_block, side_config, small_normal_
@@ -43,6 +44,7 @@ class LSTModel(MemtuneModel):
         super().__init__(backbone, config, num_labels)
         self.freeze_backbone()
         self.family = backbone.family
+        self._check_options(backbone, config)
         ref = next(backbone.parameters())
         self.stacks = nn.ModuleDict()
         self.side_configs: dict = {}
@@ -65,6 +67,31 @@ class LSTModel(MemtuneModel):
         self.pruning_records: dict = {}
         if config.init != "random" and ref.device.type != "meta":   # meta: shapes only, nothing to copy
             self.init_from_importance(lambda name, p: p.detach().abs())
+        self.trunk_cache = config.make_trunk_cache()
+
+    def _check_options(self, backbone, config):
+        mpnet = getattr(backbone, "is_mpnet", False)
+        heads = getattr(backbone.config, "num_attention_heads", getattr(backbone.config, "num_heads", None))
+        if config.side_heads is not None and config.side_heads != heads:
+            check(self.family in ("bert", "vit") and not mpnet,
+                  f"lst.side_heads={config.side_heads}: another head count than the backbone's ({heads}) is "
+                  f"supported for bert (not MPNet, whose relative bias has H heads) and vit backbones only")
+        if config.cache_trunk:
+            check(self.family != "t5", "lst.cache_trunk is supported for bert, vit and llama backbones, not t5")
+            check_trunk_deterministic("lst", [backbone], config.trunk_dropout)
+
+    @property
+    def side_attention(self) -> str:
+        """The side blocks' kernel after resolving "auto": sdpa where the side block class has a fused path."""
+        a = self.method_config.attention
+        if a != "auto":
+            return a
+        return "eager" if self.family == "t5" or getattr(self.backbone, "is_mpnet", False) else "sdpa"
+
+    @property
+    def cache_bytes(self) -> int:
+        """Host bytes held by the trunk cache (0 without one)."""
+        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
 
     # -- construction ----------------------------------------------------------------------------------------
     @property
@@ -73,8 +100,13 @@ class LSTModel(MemtuneModel):
 
     def _add_stack(self, name, stack_config, blocks, keep):
         bb = self.backbone
-        cfg = side_config(self.family, stack_config, self.method_config.r, self.method_config.dropout, keep,
-                          is_dinov2=getattr(bb, "is_dinov2", False), attention=self.method_config.attention)
+        mc = self.method_config
+        attention = self.side_attention
+        attn_p = mc.attention_dropout
+        if attn_p is None:
+            attn_p = 0.0 if attention == "sdpa" else mc.dropout     # a dropout > 0 defeats the fused kernel
+        cfg = side_config(self.family, stack_config, mc.r, mc.dropout, keep, is_dinov2=getattr(bb, "is_dinov2", False),
+                          attention=attention, attention_dropout=attn_p, heads=mc.side_heads)
         self.side_configs[name] = cfg
         cls = type(blocks[0])
         # T5: the first kept side block owns the stack's 32×H relative-position table.
@@ -97,7 +129,7 @@ class LSTModel(MemtuneModel):
         for m in [*side_blocks, norm]:
             family_init(bb.model, cfg, m)
         self.stacks[name] = SideStack(bb.hidden_size, d_side, len(blocks), keep, side_blocks, norm,
-                                      self.method_config.dropout, self.method_config.gate_temperature)
+                                      mc.dropout, mc.gate_temperature, mc.tap_storage)
 
     # -- pruned-weight initialisation (spec §8) ----------------------------------------------------------------
     def init_from_importance(self, importance) -> dict:
@@ -166,17 +198,37 @@ class LSTModel(MemtuneModel):
     @torch.no_grad()
     def backbone_taps(self, batch):
         """Backbone pass without autograd. Returns (taps, ctx): taps[stack] = {"embed": e (B×T×d),
-        i: output of block i (B×T×d) for i in K}. T5 adds the decoder stack and ctx["memory"]."""
+        i: output of block i (B×T×d) for i in K}. T5 adds the decoder stack and ctx["memory"].
+
+        Bert/vit/llama with a trunk cache (training): the block outputs are replayed from it where stored, and
+        padded rows of the taps are zero (the cache keeps real rows only; real rows are the same either way,
+        since real tokens never attend to padded keys).
+        """
         bb = self.backbone
         if self.family == "t5":
-            return self._t5_taps(batch)
-        h, ctx = bb.embed(batch)
+            with trunk_eval_mode(bb, not self.method_config.trunk_dropout):
+                return self._t5_taps(batch)
         keep = self.output_stack.keep
-        taps = {"embed": h}
-        for i in range(keep[-1] + 1):
-            h = bb.run_block(i, h, ctx)
-            if i in keep:
-                taps[i] = h
+        with trunk_eval_mode(bb, not self.method_config.trunk_dropout):
+            h, ctx = bb.embed(batch)
+            mask = ctx.get("token_mask")
+            cache = self.trunk_cache if self.training else None
+            real = (None if cache is None or mask is None or bool(mask.all())
+                    else mask.to(h.dtype).unsqueeze(-1))     # B×T×1
+
+            def zero_padded(t):
+                return t if real is None else t * real
+
+            def compute():                                   # [h_i for i in K], each B×T×d
+                x, outs = h, []
+                for i in range(keep[-1] + 1):
+                    x = bb.run_block(i, x, ctx)
+                    if i in keep:
+                        outs.append(zero_padded(x))
+                return outs
+
+            outs = cached_trunk(cache, batch, mask, bb.input_keys, compute, h)
+        taps = {"embed": zero_padded(h), **dict(zip(keep, outs))}
         return {self._single_name: taps}, ctx
 
     @property
@@ -216,17 +268,21 @@ class LSTModel(MemtuneModel):
         return taps
 
     # -- the side network -----------------------------------------------------------------------------------------
-    def side_forward(self, taps, ctx) -> torch.Tensor:
-        """The trainable path on (detached) taps: B×T×d up-projected side output (T5: decoder's)."""
+    def side_forward(self, taps, ctx, consume: bool = False) -> torch.Tensor:
+        """The trainable path on (detached) taps: B×T×d up-projected side output (T5: decoder's).
+
+        consume=True removes each tap from `taps` once its ladder has read it, so a tap that the ladder
+        keeps in a compact form (tap_storage bf16/int8) is freed during the forward."""
         if self.family == "t5":
             s_enc = self.side_encode(taps["encoder"], ctx)
             return self.side_decode(taps["decoder"], s_enc, ctx)
         name = self._single_name
         stack, taps = self.stacks[name], taps[name]
-        s = stack.start(taps["embed"])                                       # B×T×d'
+        take = taps.pop if consume else taps.__getitem__
+        s = stack.start(take("embed"))                                       # B×T×d'
         sctx = self._side_context(s, ctx)
         for i in stack.keep:
-            s = self._run_side_block(stack.block(i), stack.fuse(i, s, taps[i]), sctx)
+            s = self._run_side_block(stack.block(i), stack.fuse(i, s, take(i)), sctx)
         return self.up(stack.finish(s))                                      # B×T×d
 
     @torch.no_grad()
@@ -235,7 +291,7 @@ class LSTModel(MemtuneModel):
         if self.family == "bert":
             out = {"mask": create_bidirectional_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"])}
             if "position_bias" in ctx:
-                # MPNet: H is kept, so the backbone's (frozen) B×H×T×T relative bias fits the side heads.
+                # MPNet: H is kept (side_heads is refused), so the backbone's B×H×T×T bias fits the side heads.
                 out["position_bias"] = ctx["position_bias"]
             return out
         if self.family == "llama":
@@ -290,7 +346,7 @@ class LSTModel(MemtuneModel):
                           "training starts from the magnitude-pruned side network", stacklevel=2)
             self.data_init_pending = False
         taps, ctx = self.backbone_taps(batch)
-        out = self.side_forward(taps, ctx)                                   # B×T×d
+        out = self.side_forward(taps, ctx, consume=True)                     # B×T×d
         if self.objective == "causal-lm":
             return out
         return self.backbone.pool(out, ctx)

@@ -7,7 +7,8 @@ Where a family's attention class cannot take those widths, the nearest valid cho
 - BERT-like (BERT, RoBERTa, XLM-R, MPNet) derive the head width from hidden_size / H, so the side
   width is d' = H·round(d_kv/r) (= d/r whenever r divides d_kv; at least one unit per head);
 - Llama-like decoders need an even head width for rotary positions: d_kv' = 2·round(d_kv/(2r)), ≥ 2.
-Everything else is round(x/r), at least 1. The side blocks use the backbone's attention kernel unless the config names one.
+Everything else is round(x/r), at least 1. `side_heads` (bert, vit) replaces H by H', with per-head width
+d'/H'. The side attention kernel is fused (sdpa) by default where the family has it (see config.py).
 """
 from __future__ import annotations
 
@@ -18,45 +19,56 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..common.compact_linear import TapLinear
+
 
 def scaled(x: int, r: int) -> int:
     return max(1, round(x / r))
 
 
 def side_config(family: str, config, r: int, dropout: float, keep: tuple[int, ...], is_dinov2: bool = False,
-                attention: str = "eager"):
+                attention: str = "eager", attention_dropout: float | None = None, heads: int | None = None):
     """A copy of the backbone's (stack) config with the side widths; every dropout probability the
-    block class reads is set to `dropout` (spec §2: T5 side blocks use dropout 0.1)."""
+    block class reads is set to `dropout` (spec §2: T5 side blocks use dropout 0.1), except the attention-
+    probability dropout: `attention_dropout` where given (T5 has a single rate). `attention` is the side
+    kernel ("eager" or "sdpa"; "auto" keeps the backbone's). `heads`: the side head count (None: H);
+    the per-head width then follows from the side width, d'/heads."""
     c = copy.deepcopy(config)
     if attention != "auto":
         c._attn_implementation = attention
+    attn_p = dropout if attention_dropout is None else attention_dropout
     num_blocks = len(keep)
     if family == "t5":
         c.d_model, c.d_ff, c.d_kv = scaled(c.d_model, r), scaled(c.d_ff, r), scaled(c.d_kv, r)
         c.dropout_rate = dropout
         c.num_layers = num_blocks
     elif family == "bert":
-        heads = c.num_attention_heads
-        c.hidden_size = heads * scaled(c.hidden_size // heads, r)
+        side_heads = heads or c.num_attention_heads
+        # Width H'·round(d/(r·H')): with H' = H this is H·round(d_kv/r).
+        c.hidden_size = side_heads * max(1, round(c.hidden_size / (r * side_heads)))
+        c.num_attention_heads = side_heads
         c.intermediate_size = scaled(c.intermediate_size, r)
-        c.hidden_dropout_prob = c.attention_probs_dropout_prob = dropout
+        c.hidden_dropout_prob, c.attention_probs_dropout_prob = dropout, attn_p
         c.num_hidden_layers = num_blocks
     elif family == "vit":
-        heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        H = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // H
+        side_heads = heads or H
         c.hidden_size = scaled(c.hidden_size, r)
-        c.head_dim = scaled(head_dim, r)        # ViT/DINOv2 attention read an explicit head_dim
+        # ViT/DINOv2 attention read an explicit head_dim: d_kv/r at H heads, the same inner width at H'.
+        c.head_dim = max(1, round(H * head_dim / (r * side_heads)))
+        c.num_attention_heads = side_heads
         if not is_dinov2:
             c.intermediate_size = scaled(c.intermediate_size, r)
         # DINOv2 sizes its MLP as hidden_size·mlp_ratio, which is then d_ff/r by itself.
-        c.hidden_dropout_prob = c.attention_probs_dropout_prob = dropout
+        c.hidden_dropout_prob, c.attention_probs_dropout_prob = dropout, attn_p
         c.num_hidden_layers = num_blocks
     elif family == "llama":
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         c.hidden_size = scaled(c.hidden_size, r)
         c.intermediate_size = scaled(c.intermediate_size, r)
         c.head_dim = max(2, 2 * round(head_dim / (2 * r)))
-        c.attention_dropout = dropout
+        c.attention_dropout = attn_p
         c.num_hidden_layers = num_blocks
         if getattr(c, "layer_types", None) is not None:
             c.layer_types = [c.layer_types[i] for i in keep]   # side block j mirrors layer keep[j]
@@ -112,13 +124,14 @@ class SideStack(nn.Module):
     """
 
     def __init__(self, d: int, d_side: int, num_layers: int, keep: tuple[int, ...], blocks: list[nn.Module],
-                 norm: nn.Module, dropout: float, gate_temperature: float):
+                 norm: nn.Module, dropout: float, gate_temperature: float, tap_storage: str = "full"):
         super().__init__()
         self.keep = tuple(keep)
         self.temperature = gate_temperature
-        self.ladders = nn.ModuleDict({"embed": small_normal_(nn.Linear(d, d_side))})
+        # Ladders read frozen taps: each keeps its input for the weight gradient as `tap_storage`.
+        self.ladders = nn.ModuleDict({"embed": small_normal_(TapLinear(d, d_side, tap_storage=tap_storage))})
         for i in self.keep:
-            self.ladders[str(i)] = small_normal_(nn.Linear(d, d_side))
+            self.ladders[str(i)] = small_normal_(TapLinear(d, d_side, tap_storage=tap_storage))
         self.blocks = nn.ModuleDict({str(i): b for i, b in zip(self.keep, blocks)})
         self.gates = nn.Parameter(torch.zeros(num_layers))      # alpha_i, N per stack
         self.norm = norm

@@ -6,8 +6,11 @@ import math
 from dataclasses import dataclass
 
 from ..base import MethodConfig, check
+from ..common.compact_linear import TAP_STORAGES
+from ..common.trunk_cache import TrunkCacheOptions
 
 DOWNSAMPLES = ("adapter", "linear", "lora", "avgpool", "maxpool")
+POOLS = ("avgpool", "maxpool")
 GATES = ("vector", "scalar")
 MIXES = ("paper", "sigmoid")
 ATTENTIONS = ("auto", "eager", "sdpa")
@@ -15,7 +18,7 @@ DEFAULT_R = 16
 
 
 @dataclass
-class QSTConfig(MethodConfig):
+class QSTConfig(TrunkCacheOptions, MethodConfig):
     """Quantized Side Tuning: a frozen (e.g. 4-bit) backbone run without autograd, read at every layer by a
     side network of width d/r, whose output is mixed with the backbone's last hidden state.
 
@@ -41,8 +44,29 @@ class QSTConfig(MethodConfig):
                               (released LLaMA code: 1, so the start is 0.73·h_N plus 0.27·u).
                  α or λ is a trained parameter in both forms.
     lambda_init  the start of λ for mix="sigmoid".
-    attention    the side blocks' attention kernel: "auto" (the backbone's own setting; SDPA gives fused
-                 attention that stores no B·H·T² maps), "eager" or "sdpa".
+    attention    the side blocks' attention kernel: "sdpa" (fused: no B·H·T² maps are stored for
+                 backward, and H is not reduced by r, so at long T those maps would dominate), "eager"
+                 (softmax maps stored, as the released code), or "auto" (default): sdpa where the side
+                 block class has a fused path (bert, vit, llama), eager for MPNet, whose attention has none.
+    attention_dropout
+                 dropout on the side attention probabilities. None (default): 0 with fused attention (a
+                 dropout > 0 makes PyTorch fall back to the map-storing math kernel), the backbone's own
+                 rate with eager attention.
+    side_heads   head count of the side blocks (None: the backbone's H, as the paper). d/r must be
+                 divisible by it; fewer heads give wider side heads (the paper's are d/(rH) = 8 wide at
+                 LLaMA-2-7B, and 1 wide on a 4-head d=64 model at r=16). bert (not MPNet) and vit only.
+    tap_storage  how the downsample's first matrix (adapter/LoRA W_A, or the linear W) keeps its frozen
+                 input, a backbone hidden state B×T×d, for its weight gradient: "full", "bf16" (half the
+                 bytes) or "int8" (a quarter, plus a scale per token); the forward is unchanged
+                 (methods/common/compact_linear.py). The pooling downsamples keep nothing, so only
+                 "full" is allowed with them. With side_checkpointing each checkpointed side step keeps
+                 its full hidden state for the recompute, so only D_0's read of the embedding is compact.
+    trunk_dropout
+                 run the frozen backbone in the module's train mode (its dropout active, as the released
+                 code under the HF Trainer). False runs it in eval mode: deterministic, which cache_trunk
+                 needs on a backbone with dropout (BERT-like: 0.1; Llama and ViT have none).
+    cache_*      the trunk cache (methods/common/trunk_cache.py): the N backbone block outputs computed
+                 once per training example and replayed in later epochs (bert, vit, llama).
     side_checkpointing
                  recompute each side step (gate fusion, downsample, side block) in backward instead of
                  keeping its activations. This is not the `gc` technique: the backbone is never on the
@@ -69,6 +93,10 @@ class QSTConfig(MethodConfig):
     mix: str = "paper"
     lambda_init: float = 1.0
     attention: str = "auto"
+    attention_dropout: float | None = None
+    side_heads: int | None = None
+    tap_storage: str = "full"
+    trunk_dropout: bool = True
     side_checkpointing: bool = False
 
     def validate(self):
@@ -82,6 +110,16 @@ class QSTConfig(MethodConfig):
         check(math.isfinite(self.lambda_init), f"qst.lambda_init must be a finite number, got {self.lambda_init}")
         check(self.attention in ATTENTIONS,
               f"qst.attention must be one of {', '.join(ATTENTIONS)}; got {self.attention!r}")
+        check(self.attention_dropout is None or 0 <= self.attention_dropout < 1,
+              f"qst.attention_dropout must be none or in [0, 1), got {self.attention_dropout}")
+        check(self.side_heads is None or self.side_heads >= 1,
+              f"qst.side_heads must be a positive head count (or none for the backbone's), got {self.side_heads}")
+        check(self.tap_storage in TAP_STORAGES,
+              f"qst.tap_storage must be one of {', '.join(TAP_STORAGES)}; got {self.tap_storage!r}")
+        check(self.tap_storage == "full" or self.downsample not in POOLS,
+              f"qst.tap_storage={self.tap_storage} has no effect with downsample={self.downsample} (a pooling "
+              f"downsample keeps no backbone tensor for backward); use tap_storage=full")
+        self.validate_trunk_cache()
 
     @classmethod
     def lr_for(cls, family: str) -> float:

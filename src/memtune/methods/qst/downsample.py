@@ -1,12 +1,15 @@
 """QST's downsample modules D_i: a backbone layer's output B×T×d → the side width B×T×d' (d' = d/r).
 
 The trainable forms keep their input (a frozen B×T×d hidden state) for the weight gradient of their
-first matrix; the pooling forms have no parameters, so nothing of the backbone is kept for backward.
+first matrix, in the form `tap_storage` says (full, bf16 or int8: `TapLinear`); the pooling forms have
+no parameters, so nothing of the backbone is kept for backward.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import nn
+
+from ..common.compact_linear import TapLinear
 
 
 class AdapterDownsample(nn.Module):
@@ -17,9 +20,9 @@ class AdapterDownsample(nn.Module):
     the start by the output mix instead.
     """
 
-    def __init__(self, d: int, d_side: int, rank: int, activation: bool = True):
+    def __init__(self, d: int, d_side: int, rank: int, activation: bool = True, tap_storage: str = "full"):
         super().__init__()
-        self.down = nn.Linear(d, rank, bias=False)          # W_A
+        self.down = TapLinear(d, rank, bias=False, tap_storage=tap_storage)   # W_A: reads the frozen tap
         self.up = nn.Linear(rank, d_side, bias=False)       # W_B
         self.norm = nn.LayerNorm(d_side)
         self.activation = activation
@@ -46,13 +49,13 @@ class ChannelPool(nn.Module):
         return f"r={self.r}, kind={self.kind}"
 
 
-def make_downsample(kind: str, d: int, d_side: int, rank: int, r: int) -> nn.Module:
+def make_downsample(kind: str, d: int, d_side: int, rank: int, r: int, tap_storage: str = "full") -> nn.Module:
     if kind == "adapter":
-        return AdapterDownsample(d, d_side, rank, activation=True)
+        return AdapterDownsample(d, d_side, rank, activation=True, tap_storage=tap_storage)
     if kind == "lora":
-        return AdapterDownsample(d, d_side, rank, activation=False)
+        return AdapterDownsample(d, d_side, rank, activation=False, tap_storage=tap_storage)
     if kind == "linear":
-        return nn.Linear(d, d_side, bias=False)
+        return TapLinear(d, d_side, bias=False, tap_storage=tap_storage)
     if kind in ("avgpool", "maxpool"):
         return ChannelPool(r, kind)
     raise ValueError(kind)

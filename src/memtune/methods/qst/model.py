@@ -18,6 +18,13 @@ Heads (spec §3):
 Interleaving keeps at most one backbone hidden state alive besides those the downsamples keep for
 backward: with a pooling downsample each h_i is freed once block i+1 has run.
 
+Trunk cache (`cache_trunk`, training only): the N block outputs h_1..h_N are a deterministic function of
+the example when the backbone runs in eval mode, so they are computed all at once (padded rows zeroed),
+stored per example, and replayed in later epochs; the side loop then reads them from that list, freeing
+each after its downsample has read it. The embedding is recomputed every time (it also gives the masks
+and positions) and the final norm is re-applied to the replayed h_N (one norm per token), so a stored
+example is N×T_e×d values. The real rows are the same as in the interleaved form, so the loss is too.
+
 Paper form at the start: α = 1, so ∂o/∂u = 1 − α = 0 and the first step's gradient reaches only α
 (and a classifier); once α has moved below 1 the whole side network trains. The sigmoid form has
 every gradient from the first step.
@@ -35,8 +42,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from ..base import MemtuneModel
+from ..base import MemtuneModel, check
+from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
 from ..lst.side import make_block
+from .generate import greedy_generate
 from .side import OutputMix, SideNetwork, resolve_r, side_config
 
 
@@ -46,26 +55,40 @@ def float_dtype(module: nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
+def drain(items: list):
+    """Yield the items of a list front to back, dropping each from the list as it is handed out (so a tap
+    is freed once its reader is done with it)."""
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
 class QSTModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
         self.freeze_backbone()
         self.family = backbone.family
+        self._check_options(backbone, config)
         bb_config = backbone.config
-        self.r, note = resolve_r(self.family, bb_config, config.r)
+        self.r, note = resolve_r(self.family, bb_config, config.r, config.side_heads)
         if note:
             warnings.warn(note, stacklevel=3)
         d = backbone.hidden_size
         ref = next(backbone.parameters())
         dtype = float_dtype(backbone)
-        self.side_config = side_config(self.family, bb_config, self.r, config.attention,
-                                       is_dinov2=getattr(backbone, "is_dinov2", False))
+        attention = self.side_attention
+        attn_p = config.attention_dropout
+        if attn_p is None and attention == "sdpa":
+            attn_p = 0.0                                   # a dropout > 0 defeats the fused kernel
+        self.side_config = side_config(self.family, bb_config, self.r, attention,
+                                       is_dinov2=getattr(backbone, "is_dinov2", False),
+                                       attention_dropout=attn_p, heads=config.side_heads)
         d_side = self.side_config.hidden_size
         with torch.device(ref.device):
             cls = type(backbone.blocks[0])
             blocks = [make_block(cls, self.side_config, j) for j in range(backbone.num_layers)]
             self.side = SideNetwork(d, d_side, self.r, blocks, self._side_norm(d_side), config.downsample,
-                                    config.k, config.gate)
+                                    config.k, config.gate, config.tap_storage)
             self.mix = OutputMix(d, config.mix, config.lambda_init)
             if self.family == "llama":
                 self.rotary = type(backbone.decoder.rotary_emb)(self.side_config)
@@ -75,6 +98,29 @@ class QSTModel(MemtuneModel):
         self.mix.to(dtype)
         if self.head is not None:
             self.head.to(dtype)
+        self.trunk_cache = config.make_trunk_cache()
+
+    def _check_options(self, backbone, config):
+        heads = backbone.config.num_attention_heads
+        if config.side_heads is not None and config.side_heads != heads:
+            check(self.family in ("bert", "vit") and not getattr(backbone, "is_mpnet", False),
+                  f"qst.side_heads={config.side_heads}: another head count than the backbone's ({heads}) is "
+                  f"supported for bert (not MPNet, whose relative position bias has H heads) and vit backbones only")
+        if config.cache_trunk:
+            check_trunk_deterministic("qst", [backbone], config.trunk_dropout)
+
+    @property
+    def side_attention(self) -> str:
+        """The side blocks' kernel after resolving "auto": sdpa where the side block class has a fused path."""
+        a = self.method_config.attention
+        if a != "auto":
+            return a
+        return "eager" if getattr(self.backbone, "is_mpnet", False) else "sdpa"
+
+    @property
+    def cache_bytes(self) -> int:
+        """Host bytes held by the trunk cache (0 without one)."""
+        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
 
     def _side_norm(self, d_side: int) -> nn.Module:
         c = self.side_config
@@ -122,19 +168,48 @@ class QSTModel(MemtuneModel):
         return step(s, h)
 
     # -- the forward pass ------------------------------------------------------------------------------------
+    def _run_blocks(self, h: torch.Tensor, ctx):
+        """h_1..h_N (B×T×d each, no graph), one block per item asked for: the interleaved form."""
+        bb = self.backbone
+        for i in range(bb.num_layers):
+            with torch.no_grad():                                    # not across the yield: the side has grad
+                h = bb.run_block(i, h, ctx)
+            yield h
+
+    def block_outputs(self, batch, e: torch.Tensor, ctx):
+        """An iterator over the frozen block outputs h_1..h_N (B×T×d each) for `batch`, whose embedding
+        output is e (B×T×d). Without a trunk cache (or outside training) each block runs when the side loop
+        asks for its output; with one they are replayed from it, or computed all at once and stored."""
+        cache = self.trunk_cache if self.training else None
+        if cache is None:
+            return self._run_blocks(e, ctx)
+        mask = ctx.get("token_mask")
+        # The cache keeps real rows only, so padded rows are zero in every epoch (real rows never read them).
+        real = None if mask is None or bool(mask.all()) else mask.to(e.dtype).unsqueeze(-1)   # B×T×1
+
+        def compute():                                               # [h_1, ..., h_N]
+            outs = list(self._run_blocks(e, ctx))
+            if real is not None:
+                for h in outs:                                       # in place: every block has run
+                    h.mul_(real)
+            return outs
+
+        with torch.no_grad():
+            outs = cached_trunk(cache, batch, mask, self.backbone.input_keys, compute, e)
+        return drain(outs)
+
     def mixed_output(self, batch):
         """Returns (o, ctx, h_N): o the mixed B×T×d states, h_N the frozen backbone's finished states."""
         bb = self.backbone
-        with torch.no_grad():
-            h, ctx = bb.embed(batch)                                 # B×T×d
-        s = self.side.start(h)                                       # B×T×d'
-        sctx = self.side_context(s, ctx)
-        for i in range(bb.num_layers):
+        with trunk_eval_mode(bb, not self.method_config.trunk_dropout):
             with torch.no_grad():
-                h = bb.run_block(i, h, ctx)
-            s = self.side_step(i, s, h, sctx)
-        with torch.no_grad():
-            h_final = bb.finish(h, ctx)
+                h, ctx = bb.embed(batch)                             # B×T×d
+            s = self.side.start(h)                                   # B×T×d'
+            sctx = self.side_context(s, ctx)
+            for i, h in enumerate(self.block_outputs(batch, h, ctx)):
+                s = self.side_step(i, s, h, sctx)
+            with torch.no_grad():
+                h_final = bb.finish(h, ctx)
         o = self.mix(h_final, self.side.finish(s))                   # B×T×d
         return o, ctx, h_final
 
@@ -143,3 +218,9 @@ class QSTModel(MemtuneModel):
         if self.objective == "causal-lm":
             return o                                                  # the frozen LM head follows
         return self.backbone.pool(o, ctx)
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, stop_at_eos: bool = True):
+        """Greedy decoding (Llama-like causal LM) with KV caches for the backbone and the side blocks.
+        Returns B×(T + n) ids: the (left-padded) prompts and the new tokens; see `generate.py`."""
+        return greedy_generate(self, input_ids, attention_mask, max_new_tokens, stop_at_eos)

@@ -2,7 +2,8 @@
 
 Widths: d' = d/r, FFN ⌊d_ff/r⌋, H and KV heads kept, so the side head width is d/(rH). Unlike LST's
 nearest-width rounding, QST needs d' exactly d/r (the pooling downsample maps r channels to one), so
-r must divide d and d/r must be divisible by H (Llama-like: d/(rH) even, for rotary positions).
+r must divide d and d/r must be divisible by H (Llama-like: d/(rH) even, for rotary positions). With
+`side_heads` H' (bert, vit) the side blocks have H' heads of width d/(rH') instead.
 """
 from __future__ import annotations
 
@@ -20,55 +21,65 @@ def heads_of(config) -> int:
     return config.num_attention_heads
 
 
-def width_problem(family: str, config, r: int) -> str | None:
-    """Why reduction factor r does not fit this backbone, or None if it does."""
-    d, heads = config.hidden_size, heads_of(config)
+def width_problem(family: str, config, r: int, heads: int | None = None) -> str | None:
+    """Why reduction factor r does not fit this backbone, or None if it does. `heads`: the side head count
+    (None: the backbone's H, kept)."""
+    d = config.hidden_size
+    kept = heads is None
+    heads = heads_of(config) if kept else heads
     if d % r:
         return f"d={d} is not divisible by r={r}"
     if (d // r) % heads:
-        return f"the side width d/r={d // r} is not divisible by the {heads} attention heads (kept from the backbone)"
+        whose = "attention heads (kept from the backbone)" if kept else "side heads (side_heads)"
+        return f"the side width d/r={d // r} is not divisible by the {heads} {whose}"
     if family == "llama" and (d // r // heads) % 2:
         return f"the side head width d/(r·H)={d // r // heads} is odd; rotary positions need an even one"
     return None
 
 
-def fitting_rs(family: str, config) -> list[int]:
+def fitting_rs(family: str, config, heads: int | None = None) -> list[int]:
     """Every reduction factor that gives valid side widths, smallest first."""
-    return [r for r in range(1, config.hidden_size + 1) if width_problem(family, config, r) is None]
+    return [r for r in range(1, config.hidden_size + 1) if width_problem(family, config, r, heads) is None]
 
 
-def resolve_r(family: str, config, r: int | None) -> tuple[int, str | None]:
+def resolve_r(family: str, config, r: int | None, heads: int | None = None) -> tuple[int, str | None]:
     """(r to use, a note when the default had to be lowered). An explicit r that does not fit is refused."""
     if r is not None:
-        problem = width_problem(family, config, r)
+        problem = width_problem(family, config, r, heads)
         if problem:
-            fits = [x for x in fitting_rs(family, config) if x <= 64]
+            fits = [x for x in fitting_rs(family, config, heads) if x <= 64]
             raise ConfigError(f"qst.r={r} does not fit this {family} backbone: {problem}; "
                               f"r values that fit: {', '.join(map(str, fits))}")
         return r, None
-    if width_problem(family, config, DEFAULT_R) is None:
+    if width_problem(family, config, DEFAULT_R, heads) is None:
         return DEFAULT_R, None
-    fits = [x for x in fitting_rs(family, config) if x <= DEFAULT_R]
+    fits = [x for x in fitting_rs(family, config, heads) if x <= DEFAULT_R]
     if not fits:
         raise ConfigError(f"qst: no reduction factor fits this {family} backbone "
-                          f"({width_problem(family, config, 1)})")
+                          f"({width_problem(family, config, 1, heads)})")
     chosen = fits[-1]
-    return chosen, (f"qst: r={DEFAULT_R} does not fit this backbone ({width_problem(family, config, DEFAULT_R)}); "
-                    f"using r={chosen}")
+    return chosen, (f"qst: r={DEFAULT_R} does not fit this backbone "
+                    f"({width_problem(family, config, DEFAULT_R, heads)}); using r={chosen}")
 
 
-def side_config(family: str, config, r: int, attention: str = "auto", is_dinov2: bool = False):
-    """A copy of the backbone config with the side widths (spec §2). Heads, KV heads, rotary base, norm
-    eps and dropout probabilities are the backbone's; `attention` other than "auto" sets the kernel."""
+def side_config(family: str, config, r: int, attention: str = "auto", is_dinov2: bool = False,
+                attention_dropout: float | None = None, heads: int | None = None):
+    """A copy of the backbone config with the side widths (spec §2). Heads (unless `heads` is given), KV
+    heads, rotary base, norm eps and the hidden dropout are the backbone's; `attention` other than "auto"
+    sets the kernel and `attention_dropout` (None: the backbone's) the attention-probability dropout."""
     c = copy.deepcopy(config)
     if attention != "auto":
         c._attn_implementation = attention
     d_side = config.hidden_size // r
     c.hidden_size = d_side
+    if heads is not None:
+        c.num_attention_heads = heads                # bert (not MPNet) and vit: checked by the model
     if family in ("llama", "vit"):
-        c.head_dim = d_side // heads_of(config)     # Llama and ViT/DINOv2 attention read an explicit head_dim
+        c.head_dim = d_side // heads_of(c)          # Llama and ViT/DINOv2 attention read an explicit head_dim
     if not is_dinov2:                               # DINOv2 sizes its MLP as hidden_size·mlp_ratio = d_ff/r
         c.intermediate_size = config.intermediate_size // r
+    if attention_dropout is not None:
+        setattr(c, "attention_dropout" if family == "llama" else "attention_probs_dropout_prob", attention_dropout)
     return c
 
 
@@ -81,10 +92,11 @@ class SideNetwork(nn.Module):
     """
 
     def __init__(self, d: int, d_side: int, r: int, blocks: list[nn.Module], norm: nn.Module,
-                 downsample: str, rank: int, gate: str):
+                 downsample: str, rank: int, gate: str, tap_storage: str = "full"):
         super().__init__()
         n = len(blocks)
-        self.downsamples = nn.ModuleList(make_downsample(downsample, d, d_side, rank, r) for _ in range(n))
+        self.downsamples = nn.ModuleList(make_downsample(downsample, d, d_side, rank, r, tap_storage)
+                                         for _ in range(n))
         # vector: z_i ∈ ℝ^{d'} at 0.5 (code); scalar: γ_i at 0 (paper). Shape (N, d') or (N, 1).
         width, start = (d_side, 0.5) if gate == "vector" else (1, 0.0)
         self.gates = nn.Parameter(torch.full((n, width), start))

@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         config, _ = resolve_config(model)
         t0 = time.perf_counter()
         result = plan(settings, methods, prepare=prepare)
-        for (label, method, _), mp in zip(parse_method_specs(methods), result.methods):
+        for spec, mp in zip(parse_method_specs(methods), result.methods):
+            label, method = spec.label, spec.method
             if mp.status != "ok":
                 print(f"{model:13s} {label:20s} unsupported: {mp.message}")
                 continue

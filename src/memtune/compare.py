@@ -3,7 +3,9 @@
     memtune compare --model minilm --task rotten-tomatoes --methods full,linear,lora,lst --out runs/cmp
 
 Writes DIR/<label>/ (each run's adapter and metrics.json), DIR/results.json (one record per method),
-DIR/results.md (the table) and DIR/memory_vs_accuracy.png. A method that fails (out of memory, NaN,
+DIR/results.md (the table), DIR/memory_vs_accuracy.png and DIR/memory_vs_time.png (peak memory against
+step time, accuracy as colour, the Pareto front drawn). Rows are `memtune.spec` specs: a method, its
+options and memory techniques (`lora:r=16+nf4+gc`); the records carry the label as given. A method that fails (out of memory, NaN,
 unsupported family) gets a row with its error; the others still run.
 """
 from __future__ import annotations
@@ -15,52 +17,53 @@ import sys
 from pathlib import Path
 
 from .atomic import write_json, write_text
+from .plots import plot_memory_vs_accuracy, plot_memory_vs_time
 from .run_info import git_commit, machine, versions
+from .spec import parse_specs
+from .sweep import run_spec
+from .techniques import MemoryTechniques
 
 GIB = 2**30
 
 
-def parse_method_spec(spec: str) -> tuple[str, str, dict]:
-    """'sherl:late_layers=2' → (label, method, options). Options are `key=value`, ':'-separated."""
-    method, *opts = spec.strip().split(":")
-    options = {}
-    for o in opts:
-        if "=" not in o:
-            raise ValueError(f"method spec {spec!r}: options must be key=value (e.g. sherl:late_layers=2)")
-        k, v = o.split("=", 1)
-        options[k.strip()] = v.strip()
-    return spec.strip(), method, options
-
-
-def child_command(method: str, options: dict, out: Path, train_flags: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "memtune", "train", "--method", method, "--out", str(out), "--measure-memory",
-           *train_flags]
-    for k, v in options.items():
+def child_command(spec, out: Path, train_flags: list[str]) -> list[str]:
+    """The `memtune train` command of one row: its method, options and technique flags."""
+    # --overwrite: a rerun of the comparison replaces each row's earlier run folder.
+    cmd = [sys.executable, "-m", "memtune", "train", "--method", spec.method, "--out", str(out), "--measure-memory",
+           "--overwrite", *train_flags]
+    for k, v in spec.options.items():
         cmd += [f"--{k.replace('_', '-')}", v]
+    t = MemoryTechniques.from_names(spec.techniques)
+    if t.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    if t.quantize:
+        cmd += ["--quantize", t.quantize]
+    if t.offload_activations:
+        cmd.append("--offload-activations")
     return cmd
 
 
-def run_compare(specs: list[str], train_flags: list[str], out_dir, json_path=None, progress=True) -> list[dict]:
+def run_compare(specs: list[str], train_flags: list[str], out_dir, json_path=None, progress=True,
+                seeds: list[int] | None = None, lr_grid: list[float] | None = None,
+                val_fraction: float = 0.1) -> list[dict]:
+    """Train every spec (several seeds and a learning-rate grid: see `memtune.sweep`) and tabulate."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parsed = [parse_method_spec(s) for s in specs]
+    parsed = parse_specs(specs)
     records = []
-    for i, (label, method, options) in enumerate(parsed, 1):
-        run_dir = out_dir / label.replace(":", "_").replace("=", "-")
-        print(f"[{i}/{len(parsed)}] {label}", file=sys.stderr, flush=True)
-        cmd = child_command(method, options, run_dir, train_flags + ([] if progress else ["--no-progress"]))
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        metrics_file = run_dir / "metrics.json"
-        if proc.returncode == 0 and metrics_file.exists():
-            rec = json.loads(metrics_file.read_text())
-            rec["label"] = label
-            rec.pop("machine", None)
-        else:
-            err = _last_error(proc)
-            print(f"    {label} failed: {err}", file=sys.stderr)
-            rec = {"label": label, "method": method, "error": err, "returncode": proc.returncode}
-        records.append(rec)
+    for i, spec in enumerate(parsed, 1):
+        print(f"[{i}/{len(parsed)}] {spec.label}", file=sys.stderr, flush=True)
+        if not seeds and not lr_grid:
+            records.append(_run_row(spec, out_dir / spec.run_name, train_flags, progress))
+            continue
+
+        def run_one(seed, lr, validate, spec=spec):
+            name = f"{spec.run_name}/seed-{seed}" + (f"-lr-{lr:g}" if lr is not None else "")
+            extra = ["--seed", str(seed)] + (["--lr", repr(lr)] if lr is not None else [])
+            extra += ["--val-fraction", str(val_fraction)] if validate else []
+            return _run_row(spec, out_dir / name, train_flags + extra, progress)
+
+        records.append({**run_spec(run_one, seeds or [0], lr_grid or []), "label": spec.label})
     add_ratios(records)
     summary = {"records": records, "versions": versions(), "git_commit": git_commit(), "machine": machine(),
                "command": "memtune compare " + " ".join(sys.argv[2:])}
@@ -70,10 +73,27 @@ def run_compare(specs: list[str], train_flags: list[str], out_dir, json_path=Non
     table = settings_line(records) + "\n\n" + markdown_table(records)
     write_text(out_dir / "results.md", table + "\n")
     plot_memory_vs_accuracy(records, out_dir / "memory_vs_accuracy.png")
+    plot_memory_vs_time(records, out_dir / "memory_vs_time.png")
     print(table)
     print(f"\ntable: {out_dir / 'results.md'}\njson:  {json_path or out_dir / 'results.json'}\n"
-          f"plot:  {out_dir / 'memory_vs_accuracy.png'}")
+          f"plots: {out_dir / 'memory_vs_accuracy.png'}, {out_dir / 'memory_vs_time.png'}")
     return records
+
+
+def _run_row(spec, run_dir: Path, train_flags: list[str], progress: bool) -> dict:
+    """One `memtune train` child process; its metrics.json as a record, or a record with its error."""
+    cmd = child_command(spec, run_dir, train_flags + ([] if progress else ["--no-progress"]))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
+                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics_file = run_dir / "metrics.json"
+    if proc.returncode == 0 and metrics_file.exists():
+        rec = json.loads(metrics_file.read_text())
+        rec.pop("machine", None)
+        return {**rec, "label": spec.label, "techniques": list(spec.techniques)}
+    err = _last_error(proc)
+    print(f"    {spec.label} failed: {err}", file=sys.stderr)
+    return {"label": spec.label, "method": spec.method, "techniques": list(spec.techniques), "error": err,
+            "returncode": proc.returncode}
 
 
 def _last_error(proc) -> str:
@@ -87,7 +107,8 @@ def _last_error(proc) -> str:
 
 def add_ratios(records: list[dict]) -> None:
     """Ratios to full fine-tuning measured in the same run (None where full is absent or failed)."""
-    full = next((r for r in records if r.get("method") == "full" and "error" not in r), None)
+    done = [r for r in records if r.get("method") == "full" and "error" not in r]
+    full = next((r for r in done if not r.get("techniques")), done[0] if done else None)   # plain full first
     for r in records:
         for key, ratio in (("peak_bytes", "peak_ratio_vs_full"), ("activation_peak_bytes", "activation_ratio_vs_full"),
                            ("step_time_s", "step_time_ratio_vs_full")):
@@ -116,6 +137,19 @@ def _fmt_ratio(x):
     return "" if x is None else f" ({x:.2f}×)"
 
 
+def _score(r: dict) -> str:
+    """accuracy (mean ± 95 % half-width over seeds where there are several), or perplexity."""
+    metric = "accuracy" if r.get("accuracy") is not None else "perplexity"
+    if r.get(f"{metric}_ci95") is not None:
+        text = f"{r[f'{metric}_mean']:.3f} ± {r[f'{metric}_ci95']:.3f} ({len(r['seeds'])} seeds)"
+    elif r.get(metric) is not None:
+        text = f"{r[metric]:.3f}"
+    else:
+        return "–"
+    text = text if metric == "accuracy" else f"ppl {text}"
+    return text + (f", lr {r['lr_selected']:g}" if r.get("lr_selected") is not None else "")
+
+
 def markdown_table(records: list[dict]) -> str:
     rows = ["| method | trainable params | peak GiB (vs full) | activation peak GiB (vs full) | "
             "s/step (vs full) | accuracy |", "|---|---|---|---|---|---|"]
@@ -123,35 +157,10 @@ def markdown_table(records: list[dict]) -> str:
         if "error" in r:
             rows.append(f"| {r['label']} | failed: {r['error'][:120]} | | | | |")
             continue
-        score = r.get("accuracy")
-        score = f"{score:.3f}" if score is not None else f"ppl {r.get('perplexity', float('nan')):.2f}"
+        score = _score(r)
         rows.append(
             f"| {r['label']} | {r['trainable_params']:,} ({r['trainable_pct']:.2f} %) | "
             f"{r['peak_bytes'] / GIB:.3f}{_fmt_ratio(r['peak_ratio_vs_full'])} | "
             f"{r['activation_peak_bytes'] / GIB:.3f}{_fmt_ratio(r['activation_ratio_vs_full'])} | "
             f"{r['step_time_s']:.3f}{_fmt_ratio(r['step_time_ratio_vs_full'])} | {score} |")
     return "\n".join(rows)
-
-
-def plot_memory_vs_accuracy(records: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in records if "error" not in r and r.get("accuracy") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in ok:
-        x, y = r["peak_bytes"] / GIB, 100 * r["accuracy"]
-        ax.scatter(x, y, s=40)
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("peak training memory (GiB)")
-    ax.set_ylabel("test accuracy (%)")
-    if ok:
-        s = ok[0]["settings"]
-        ax.set_title(f"{s['model']} on {s['task']}; memory of one step at {memory_shape(s)}, {s['precision']}",
-                     fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -17,6 +17,9 @@ Each checkpoint holds `adapter_config.json` + `adapter_model.safetensors` (the t
 plus what Trainer itself writes beside them (optimizer.pt, scheduler.pt, rng_state.pth,
 trainer_state.json, training_args.bin: Trainer's own pickles, never read by `memtune.load`).
 For any other model the class behaves exactly like `Trainer`.
+
+Memory techniques: `MemtuneTrainer(model, args, techniques="nf4+gc")`, or a model wrapped with them;
+`TrainingArguments(gradient_checkpointing=True)` turns on memtune's block checkpointing (gc).
 """
 from __future__ import annotations
 
@@ -26,12 +29,34 @@ from pathlib import Path
 from transformers import Trainer
 
 from .checkpoint import CONFIG_NAME, check_compatible, load_weights, read_adapter_config
-from .methods import MemtuneModel
+from .methods import ConfigError, MemtuneModel
 
 
 
 class MemtuneTrainer(Trainer):
     """`transformers.Trainer` whose checkpoints hold only what the method trains (see the module doc)."""
+
+    def __init__(self, model=None, args=None, *a, techniques=None, **kw):
+        # Memory techniques: `techniques="nf4+gc"` (or a model wrapped with them). TrainingArguments'
+        # activation / gradient checkpointing means memtune's block checkpointing here: transformers' own
+        # checkpointing hooks do not reach blocks that memtune's backbones call directly.
+        if isinstance(model, MemtuneModel):
+            from .techniques import MemoryTechniques, apply_techniques
+
+            t = MemoryTechniques.coerce(techniques)
+            have = getattr(model, "memory_techniques", None) or MemoryTechniques()
+            flags = [f for f in ("activation_checkpointing", "gradient_checkpointing") if getattr(args, f, False)]
+            if flags:
+                for f in flags:                # transformers 5 names it activation_checkpointing
+                    setattr(args, f, False)
+                if not have.gradient_checkpointing:
+                    t = MemoryTechniques(True, t.quantize, t.offload_activations)
+            if t:
+                if have:
+                    raise ConfigError(f"the model already has memory techniques {'+'.join(have.names())}; "
+                                      "apply techniques once (memtune.wrap(..., techniques=...) or here)")
+                apply_techniques(model, t)
+        super().__init__(model, args, *a, **kw)
 
     def _memtune_model(self, model=None) -> MemtuneModel | None:
         m = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)

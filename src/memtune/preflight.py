@@ -25,29 +25,58 @@ def check_task_fits_model(task, task_name: str, loaded, model) -> None:
     if task.kind != loaded.modality:
         raise ArgumentError(f"task {task_name!r} holds {task.kind} data but model {loaded.name!r} reads "
                             f"{loaded.modality}")
-    if model.objective == "classification" and task.num_labels > model.num_labels:
+    if model.objective == "classification" and getattr(model, "id2label", None) is None \
+            and task.num_labels > model.num_labels:
         raise TaskError(f"task {task_name!r} has {task.num_labels} classes {task.label_names}, but the adapter's "
                         f"head predicts {model.num_labels}; evaluate it on the task it was trained on "
                         f"(or one with at most {model.num_labels} classes)")
 
 
-def check_compare(specs: list[str], settings: dict, model: str, task: str) -> None:
-    """What every method of a comparison shares: the spec syntax, run settings, model and task.
+def align_task_labels(task, task_name: str, model) -> str | None:
+    """Make the task's test labels index the adapter's classes, matching them by name.
 
-    A problem of one method (unknown name, bad option value, unsupported family) is not checked here: it
-    becomes that method's row in the results, and the other methods still run.
+    Same names in the same order: nothing to do (None). The task's names a permutation or a subset of the
+    adapter's: the test labels are renumbered to the adapter's ids and a note saying so is returned.
+    Otherwise (a name the adapter does not know) TaskError naming both label sets. An adapter saved
+    without class names is not checked by name (only by count, in `check_task_fits_model`).
     """
-    from .compare import parse_method_spec
+    from .checkpoint import label_names
+    from .data import TaskError
+
+    adapter = label_names(model)
+    if model.objective != "classification" or adapter is None or task.label_names == adapter:
+        return None
+    unknown = [n for n in task.label_names if n not in model.label2id]
+    if unknown:
+        raise TaskError(f"task {task_name!r} has classes {task.label_names}, the adapter was trained on "
+                        f"{adapter}; {unknown} cannot be mapped to the adapter's classes by name")
+    original = list(task.label_names)
+    to_adapter = [model.label2id[n] for n in original]                 # task class id -> adapter class id
+    task.test = [{**ex, "label": to_adapter[ex["label"]]} for ex in task.test]
+    task.train = [{**ex, "label": to_adapter[ex["label"]]} for ex in task.train]
+    task.label_names = list(adapter)
+    kind = "a subset" if len(original) < len(adapter) else "a reordering"
+    return (f"task {task_name!r} has classes {original}, {kind} of the adapter's {adapter}: "
+            "labels mapped to the adapter's by name")
+
+
+def check_compare(specs: list[str], settings: dict, model: str, task: str) -> None:
+    """Every spec (method name, option values, techniques: `memtune.spec`), the run settings, model and task.
+
+    What only a run can find out (a family the method does not support, running out of memory) becomes
+    that method's row in the results, and the other methods still run.
+    """
     from .data import load_task
-    from .methods import ConfigError
     from .models import load_model
+    from .spec import parse_specs
     from .train import ArgumentError, TrainArgs, check_length
 
-    for spec in specs:
-        try:
-            parse_method_spec(spec)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    parsed = parse_specs(specs)            # every spec: method, options, techniques (ConfigError)
+    if any(p.techniques for p in parsed):
+        from .techniques import MemoryTechniques
+
+        for p in parsed:
+            MemoryTechniques.from_names(p.techniques).check_device()     # offload needs a GPU here
     args = TrainArgs(model=model, task=task, **settings)
     args.validate()
     loaded = load_model(model)

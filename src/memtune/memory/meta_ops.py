@@ -20,6 +20,8 @@ Meta tensors have shapes and dtypes but no values, so three things need help:
 """
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -159,18 +161,35 @@ class _FusedAttentionFn(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-class FusedAttention(TorchFunctionMode):
-    """Replace `scaled_dot_product_attention` with the memory model of a fused GPU kernel."""
+# Receives (q, k, v, is_causal) of every fused attention call while a step's cost is counted.
+ATTENTION_COST_SINK: contextvars.ContextVar = contextvars.ContextVar("memtune_attention_cost", default=None)
 
-    def __init__(self):
+
+class FusedAttention(TorchFunctionMode):
+    """Replace `scaled_dot_product_attention` with the memory model of a fused kernel.
+
+    Entered for every plan, whatever `--attn` says: a model with eager attention makes no SDPA call, but a
+    side network may (LST's side blocks use SDPA by default). On the GPU (`device="cuda"`) the flash /
+    memory-efficient kernels take dropout too; PyTorch's CPU flash kernel runs only without dropout, so on
+    `device="cpu"` a call with dropout_p > 0 keeps the math path (B×H×T×T maps saved), as a CPU run does.
+    """
+
+    def __init__(self, device: str = "cuda"):
         super().__init__()
+        self.device = device
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            dropout_p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+            if self.device == "cpu" and dropout_p > 0:
+                return func(*args, **kwargs)
             self.calls += 1
             q, k, v = args[:3]          # B×H×T×D; grouped-query k, v keep their fewer heads (enable_gqa)
+            sink = ATTENTION_COST_SINK.get()
+            if sink is not None:        # the kernel's FLOPs, for `flops.CostCounter` (no operators run here)
+                sink(q, k, v, bool(kwargs.get("is_causal", args[5] if len(args) > 5 else False)))
             return _FusedAttentionFn.apply(q, k, v)
         return func(*args, **kwargs)
 

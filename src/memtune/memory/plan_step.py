@@ -15,6 +15,7 @@ import torch
 
 from ..methods import config_for
 from ..models import drop_unused_parts, model_class_for
+from ..techniques.checkpointing import BlockCheckpointing  # noqa: F401 - the planner's and tests' import path
 from .meta_ops import (AutocastEmulation, FusedAttention, FusedDropout, ScalarAnswers, is_meta_scalar_call,
                        scalar_answer)
 from .tracker import LiveBytesTracker
@@ -191,66 +192,11 @@ def warnings_off():
         yield
 
 
-class BlockCheckpointing:
-    """Gradient checkpointing of every block that the backward pass goes through.
-
-    memtune's backbones call blocks directly, so HF's `gradient_checkpointing_enable()` does not apply;
-    this wraps `run_block` (and T5's `run_decoder_block`) in non-reentrant `torch.utils.checkpoint`
-    when the block is on the backprop path (its input or weights need gradients). Blocks a method runs
-    without grad (side networks' frozen trunk) stay as they are. `ctx` is snapshotted per call, since
-    T5's block 0 writes the shared position bias into it and the recomputation must see the input state.
-    """
-
-    def __init__(self, backbone):
-        self.applied = 0          # checkpointed block calls
-        self.skipped = 0          # block calls off the backprop path
-        self.backbone = backbone
-        for name in ("run_block", "run_decoder_block"):
-            if hasattr(backbone, name):
-                setattr(backbone, name, self._wrap(getattr(backbone, name), name))
-
-    def _wrap(self, run, name):
-        from torch.utils.checkpoint import checkpoint
-
-        blocks = self.backbone.blocks if name == "run_block" else self.backbone.decoder_blocks
-
-        def run_ckpt(i, h, ctx):
-            on_path = torch.is_grad_enabled() and (
-                h.requires_grad or any(p.requires_grad for p in blocks[i].parameters()))
-            if not on_path:
-                self.skipped += 1
-                return run(i, h, ctx)
-            self.applied += 1
-            snapshot = dict(ctx)
-            first = {}
-
-            def fn(x):
-                c = dict(snapshot)
-                if "ctx" in first:                       # the recomputation, inside backward
-                    with backward_modes():
-                        return run(i, x, c)
-                out = run(i, x, c)
-                first["ctx"] = c
-                return out
-
-            out = checkpoint(fn, h, use_reentrant=False, preserve_rng_state=False)
-            ctx.update(first["ctx"])
-            return out
-
-        return run_ckpt
-
-    def status(self) -> str:
-        if self.applied:
-            return "applied"
-        return "not needed" if self.skipped else "not supported"
-
-
 def _modes(stack: contextlib.ExitStack, settings: PlanSettings, cache_casts: bool) -> None:
     """Enter the meta stand-ins for the modelled device's kernels (see `meta_ops`)."""
     if settings.device == "cuda":
         stack.enter_context(FusedDropout())
-    if settings.attn == "sdpa":
-        stack.enter_context(FusedAttention())
+    stack.enter_context(FusedAttention(settings.device))
     if settings.precision.endswith("-amp"):
         dtype = torch.float16 if settings.precision == "fp16-amp" else torch.bfloat16
         stack.enter_context(AutocastEmulation(dtype, policy=settings.device, cache=cache_casts))
@@ -287,9 +233,15 @@ def _step(model, optimizer, batch, settings: PlanSettings) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def run_step(model, optimizer, batch, settings: PlanSettings):
-    """One training step on meta under the live-bytes tracker."""
+def run_step(model, optimizer, batch, settings: PlanSettings, count_cost: bool = False):
+    """One training step on meta under the live-bytes tracker; with `count_cost`, also under the FLOP and
+    byte counter of `flops` (the result's extra["cost"]: a `StepCost`), in the same step."""
+    from .flops import StepCost, counting
+
     tracker = PlanTracker(model, optimizer, inputs=batch)
-    with tracker:
+    with tracker, (counting(optimizer) if count_cost else contextlib.nullcontext()) as counter:
         _step(model, optimizer, batch, settings)
-    return tracker.result()
+    result = tracker.result()
+    if counter is not None:
+        result.extra["cost"] = StepCost(tuple(counter.ops), int(next(iter(batch.values())).shape[0]))
+    return result

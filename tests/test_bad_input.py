@@ -5,6 +5,7 @@ that could be mistaken for a finished run. (tests/test_cli.py covers the basic `
 model/task/method, malformed CSV, missing column, bad option values, modality, --max-length, batch 0.)
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -107,8 +108,8 @@ def test_train_resume_from_a_truncated_checkpoint(run_copy, files, capsys, tmp_p
 # -- eval ---------------------------------------------------------------------------------------------
 EVAL = ["eval", "--model", "tiny-bert", "--no-progress"]
 EVAL_CASES = {
-    "labels outside the head": (["--task", "csv:{three}"], "has 3 classes ['0', '1', '2'], but the adapter's head "
-                                                          "predicts 2"),
+    "labels outside the head": (["--task", "csv:{three}"], "has classes ['0', '1', '2'], the adapter was trained "
+                                                          "on ['0', '1']; ['2'] cannot be mapped"),
     "empty csv": (["--task", "csv:{empty}"], "no data rows"),
     "one-class dataset": (["--task", "csv:{one}"], "needs at least 2 classes"),
     "non-UTF-8 csv": (["--task", "csv:{latin1}"], "is not valid UTF-8"),
@@ -247,3 +248,39 @@ def test_real_process_gives_one_line_and_exit_2(verb, run_copy, files, tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("memtune: error:"), lines
     assert not (tmp_path / "cmp").exists()
+
+
+# -- a model that cannot be found: one line naming where it was looked for ----------------------------
+MISSING_MODELS = {
+    "relative path": ("./nope", ["no such local folder", "not a bundled alias", "tiny-bert"]),
+    "absolute path": ("/abs/path/that/does/not/exist", ["no such local folder", "/abs/path/that/does/not/exist"]),
+    "hub id offline": ("nosuch-org/nosuch-model", ["not a bundled alias", "not a local folder",
+                                                   "hub id 'nosuch-org/nosuch-model'", "HF_HUB_OFFLINE=1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISSING_MODELS))
+@pytest.mark.parametrize("verb", ["train", "eval"])
+def test_a_missing_model_names_what_was_looked_for(case, verb, files, run_copy, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    name, expected = MISSING_MODELS[case]
+    out = tmp_path / "out"
+    if verb == "train":
+        argv = TRAIN + ["--model", name, "--task", f"csv:{files['ok']}", "--out", str(out)]
+    else:
+        argv = ["eval", "--model", name, "--adapter", str(run_copy), "--no-progress"]
+    line = check_one_clear_line(argv, capsys, expected[0], out)
+    for part in expected[1:]:
+        assert part in line, line
+
+
+def test_a_missing_hub_model_in_a_real_process_has_no_traceback(files, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "memtune", *TRAIN, "--model", "nosuch-org/nosuch-model",
+                           "--task", f"csv:{files['ok']}", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "offline mode" in lines[0] and "Traceback" not in proc.stderr, lines
+    assert not (tmp_path / "o").exists()

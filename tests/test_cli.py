@@ -58,3 +58,50 @@ def test_exit_code_and_stderr_from_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("memtune: error: unknown model 'nope'")
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_num_processes_below_one_is_refused(n, capsys, tmp_path, csv_ok):
+    out = tmp_path / "out"
+    code, err = run(TRAIN + ["--model", "tiny-bert", "--task", f"csv:{csv_ok}", "--num-processes", n,
+                             "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == f"memtune: error: --num-processes must be a whole number >= 1 (1: one process, N: N " \
+                     f"data-parallel processes), got {n}"
+    assert not out.exists()
+
+
+def test_train_help_lists_every_method_and_what_each_option_flag_does(capsys):
+    import dataclasses
+
+    from memtune.methods import METHODS
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())       # argparse re-wraps: compare whitespace-free of wraps
+    for name, cls in METHODS.items():
+        first = cls.__doc__.strip().splitlines()[0].strip()
+        assert f"{name} {' '.join(first.split())}" in text, name
+    owners = {}
+    for name, cls in METHODS.items():
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append(name)
+    for option, methods in owners.items():
+        assert f"--{option.replace('_', '-')} V [applies to: {', '.join(sorted(methods))}]" in text, option
+    # Descriptions come from the configs' docstrings.
+    assert "Swish temperature β" in text and "adapter width b" in text
+
+
+def test_measure_memory_and_eval_before_print_their_results(capsys, tmp_path, csv_ok):
+    import json
+
+    out = tmp_path / "out"
+    assert main(TRAIN + ["--model", "tiny-bert", "--task", f"csv:{csv_ok}", "--measure-memory", "--eval-before",
+                         "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    m = json.loads((out / "metrics.json").read_text())
+    assert printed[0] == (f"memory: peak {m['peak_bytes'] / 2**30:.3g} GiB, activations "
+                          f"{m['activation_peak_bytes'] / 2**30:.3g} GiB (one training step, batch 2 × 128)")
+    assert printed[1] == f"before training: accuracy {m['before']['accuracy']:.4f}"
+    assert printed[2].startswith(f"lora: accuracy {m['accuracy']:.4f}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import memtune
@@ -110,6 +111,14 @@ def _enospc(path):
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
+def _safetensors_full(path):
+    """What safetensors' own writer raises on a full disk: its SafetensorError, not an OSError."""
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+DISK_ERRORS = {"OSError ENOSPC": _enospc, "SafetensorError": _safetensors_full}
+
+
 DISK_FULL_AT = {
     # where the write fails: (module attribute patched, predicate on the path being written)
     "adapter weights of checkpoint 4": ("memtune.checkpoint.save_file", lambda p: "step-0000004" in p),
@@ -119,8 +128,12 @@ DISK_FULL_AT = {
 }
 
 
+@pytest.mark.parametrize("error", sorted(DISK_ERRORS))
 @pytest.mark.parametrize("where", sorted(DISK_FULL_AT) + ["latest pointer for checkpoint 4"])
-def test_a_full_disk_is_reported_and_loses_no_earlier_checkpoint(where, tmp_path, csv_task, monkeypatch, capsys):
+def test_a_full_disk_is_reported_and_loses_no_earlier_checkpoint(where, error, tmp_path, csv_task, monkeypatch,
+                                                                 capsys):
+    if where.startswith("latest pointer") and error == "SafetensorError":
+        pytest.skip("the pointer is a text file: only the OS reports its full disk")
     import memtune.atomic
     import memtune.resume
 
@@ -148,20 +161,80 @@ def test_a_full_disk_is_reported_and_loses_no_earlier_checkpoint(where, tmp_path
             seen["before"] = tree_digest(out / "checkpoints" / "step-0000006" if where == "final adapter"
                                          else previous)
             Path(path).write_bytes(b"\0" * 64)            # a partly written file, then the disk is full
-            raise _enospc(path)
+            raise DISK_ERRORS[error](path)
         monkeypatch.setattr(module + "." + name, save)
 
-    assert main(train_argv(csv_task, out)) == 1
+    assert main(train_argv(csv_task, out)) == 2
     line = error_line(capsys)
-    assert "no space left" in line, line
+    assert "no space left" in line and "needs about" in line, line
+    folder = out if where == "final adapter" else out / "checkpoints"
+    assert f"in {folder} while writing" in line, line
     assert_not_finished(out)
     assert_no_temporaries(out)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left in the run folder"
     assert "before" in seen, "the fault was never triggered"
     kept = "step-0000006" if where == "final adapter" else "step-0000002"
     assert kept in line, line
     assert (out / "checkpoints" / "latest").read_text().strip() == kept
     assert tree_digest(out / "checkpoints" / kept) == seen["before"], "the previous checkpoint changed"
     memtune.load("tiny-bert", out / "checkpoints" / kept)
+
+
+def _blocks(folder: Path) -> int:
+    """Bytes the files under `folder` take on a tmpfs (whole 4 KiB pages per file)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """Mount a tmpfs of a given size (needs root / CAP_SYS_ADMIN; the test skips where it cannot)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size_bytes: int) -> Path:
+        where = tmp_path / "tmpfs"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint(tmp_path, csv_task, small_tmpfs, monkeypatch, capsys):
+    """Room for one checkpoint and a half: step 2 fits, step 4 does not. No fault injection: the disk is full."""
+    import memtune.train
+
+    reference = tmp_path / "reference"
+    assert main(train_argv(csv_task, reference, 2)) == 0
+    one = _blocks(reference / "checkpoints")
+    disk = small_tmpfs(one + one // 2 + 4096)
+    out = disk / "run"
+    seen = {}
+    real = memtune.train.save_training_checkpoint
+
+    def spy(out_dir, model, optimizer, scheduler, progress):      # record step 2 as it was before step 4 began
+        if progress["step"] == 4:
+            seen["before"] = tree_digest(out / "checkpoints" / "step-0000002")
+        return real(out_dir, model, optimizer, scheduler, progress)
+
+    monkeypatch.setattr(memtune.train, "save_training_checkpoint", spy)
+    capsys.readouterr()
+    assert main(train_argv(csv_task, out)) == 2
+    line = error_line(capsys)
+    assert f"no space left on the device in {out / 'checkpoints'} while writing checkpoint step-0000004" in line
+    assert "needs about" in line and "step-0000002" in line, line
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    assert tree_digest(out / "checkpoints" / "step-0000002") == seen["before"]
+    assert_no_temporaries(out)
+    assert_not_finished(out)
+    memtune.load("tiny-bert", out / "checkpoints" / "step-0000002")
 
 
 # -- loading refuses pickles, damaged files and tensors that do not fit ------------------------------------
@@ -250,3 +323,20 @@ def test_unsupported_family_names_the_supported_ones(method):
     with pytest.raises(ConfigError) as e:
         memtune.wrap(memtune.load_model("tiny-t5"), method, num_labels=2)
     assert f"does not support the t5 family; supported families: {', '.join(families)}" in str(e.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_an_adapter_with_non_finite_weights_is_refused_naming_the_tensor(adapter, value):
+    name = sorted(n for n in load_file(str(adapter / "adapter_model.safetensors")) if "lora_A" in n)[0]
+    rewrite_tensors(adapter, lambda t: t[name].view(-1).__setitem__(3, value))
+    with pytest.raises(CheckpointError, match=rf"tensor {name.replace('.', '[.]')} holds 1 NaN/inf value\(s\)"):
+        memtune.load("tiny-bert", adapter)
+
+
+def test_eval_of_an_all_nan_adapter_exits_2(adapter, tmp_path, capsys):
+    rewrite_tensors(adapter, lambda t: [v.fill_(float("nan")) for v in t.values()])
+    csv = tmp_path / "t.csv"
+    csv.write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
+    code = main(["eval", "--model", "tiny-bert", "--adapter", str(adapter), "--task", f"csv:{csv}", "--no-progress"])
+    assert code == 2
+    assert "NaN/inf value(s)" in error_line(capsys)

@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 from .backbones import backbone_for
-from .checkpoint import CheckpointError, check_compatible, load_weights, read_adapter_config
+from .checkpoint import (CheckpointError, attach_label_names, check_compatible, load_weights, read_adapter_config,
+                         saved_label_names)
 from .methods import METHODS, MemtuneModel, MethodConfig, config_for
 from .models import LoadedModel, load_model
+from .techniques import MemoryTechniques
 
 
-def wrap(model, config: MethodConfig | str, *, num_labels: int | None = None, name: str | None = None) -> MemtuneModel:
+def wrap(model, config: MethodConfig | str, *, num_labels: int | None = None, name: str | None = None,
+         label_names: list[str] | None = None, techniques=None) -> MemtuneModel:
     """Wrap a Hugging Face model (or a `LoadedModel`) with a method.
 
     >>> m = memtune.wrap(AutoModel.from_pretrained(path), memtune.LoRAConfig(r=8), num_labels=2)
     >>> out = m(input_ids=ids, attention_mask=mask, labels=y); out.loss.backward()
 
-    `num_labels=None` on a decoder trains a causal LM through its frozen LM head.
+    `num_labels=None` on a decoder trains a causal LM through its frozen LM head. `label_names` (one per
+    class, in head order) become `m.id2label` / `m.label2id` and are saved with the adapter.
+    `techniques` ("nf4+gc", ("gc",), a `memtune.techniques.MemoryTechniques`) applies memory techniques
+    orthogonal to the method after it is built: gc, nf4 / fp4 / int8 frozen base weights, offload.
     """
     if isinstance(model, LoadedModel):
         name = name or model.name
@@ -23,6 +29,11 @@ def wrap(model, config: MethodConfig | str, *, num_labels: int | None = None, na
     backbone = backbone_for(model)
     wrapped = config.model_class(backbone, config, num_labels)
     wrapped.base_name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
+    attach_label_names(wrapped, label_names if num_labels is not None else None)
+    if techniques:
+        from .techniques import apply_techniques
+
+        apply_techniques(wrapped, techniques)
     return wrapped
 
 
@@ -35,7 +46,10 @@ def load(base_model, directory) -> MemtuneModel:
     if isinstance(base_model, str):
         base_model = load_model(base_model)
     config = METHODS[method].from_dict(saved.get("config", {}))
-    model = wrap(base_model, config, num_labels=saved.get("num_labels"))
+    # Class names (`model.id2label`) come from the adapter; adapters saved without them load with None.
+    # The memory techniques it was trained with (quantized base weights, ...) are rebuilt on the base.
+    model = wrap(base_model, config, num_labels=saved.get("num_labels"), label_names=saved_label_names(saved),
+                 techniques=MemoryTechniques.for_loading(saved.get("techniques")))
     check_compatible(saved, model)
     load_weights(model, directory)
     if getattr(model, "data_init_pending", False):

@@ -36,7 +36,54 @@ def adapter_config(model) -> dict:
         "base_fingerprint": config_fingerprint(model.backbone.config),
         "objective": model.objective,
         "num_labels": model.num_labels,
+        **label_maps(model),
+        # Memory techniques (gc, nf4, ...) that `memtune.load` re-applies: a quantized base is rebuilt.
+        **({"techniques": t.to_dict()} if (t := getattr(model, "memory_techniques", None)) else {}),
     }
+
+
+def attach_label_names(model, names) -> None:
+    """Give `model` its class names as transformers does: `id2label` {0: "neg", ...}, `label2id` {"neg": 0}.
+    `names=None` (a causal LM, or an adapter saved without names) leaves both None."""
+    if names is None:
+        model.id2label = model.label2id = None
+        return
+    names = [str(n) for n in names]
+    if model.num_labels is not None and len(names) != model.num_labels:
+        raise CheckpointError(f"{len(names)} class names {names} for a {model.num_labels}-class head")
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"class names must be distinct, got {names}")
+    model.id2label = dict(enumerate(names))
+    model.label2id = {n: i for i, n in enumerate(names)}
+
+
+def label_names(model) -> list[str] | None:
+    """The model's class names in head order, or None when it has none."""
+    id2label = getattr(model, "id2label", None)
+    return [id2label[i] for i in range(len(id2label))] if id2label else None
+
+
+def label_maps(model) -> dict:
+    """adapter_config.json's `id2label` (string keys, as in a transformers config.json) and `label2id`."""
+    names = label_names(model)
+    if names is None:
+        return {}
+    return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def saved_label_names(saved: dict) -> list[str] | None:
+    """Class names from an adapter_config (None for adapters saved without them)."""
+    id2label = saved.get("id2label")
+    if not id2label:
+        return None
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise CheckpointError(f"adapter_config.json: id2label must map class ids to names, got {id2label!r}") \
+            from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise CheckpointError(f"adapter_config.json: id2label ids must be 0..{len(by_id) - 1}, got {sorted(by_id)}")
+    return [by_id[i] for i in range(len(by_id))]
 
 
 def trainable_state(model, state_dict=None) -> dict[str, torch.Tensor]:
@@ -51,12 +98,17 @@ def trainable_state(model, state_dict=None) -> dict[str, torch.Tensor]:
     return {n: state_dict[n].detach().contiguous().cpu() for n in names}
 
 
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes a safetensors file of these tensors takes, less its small JSON header."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def save_adapter(model, directory, state_dict=None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(trainable_state(model, state_dict), str(tmp),
-                  metadata={"format": "pt", "method": model.method_config.name})
+    tensors = trainable_state(model, state_dict)
+    with atomic_path(directory / WEIGHTS_NAME, needed_bytes=tensor_bytes(tensors)) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "method": model.method_config.name})
     write_json(directory / CONFIG_NAME, adapter_config(model))
     return directory
 
@@ -92,6 +144,10 @@ def check_compatible(saved: dict, model) -> None:
             return "a causal-LM head" if n is None else f"a {n}-class head"
         raise CheckpointError(f"checkpoint has {head(saved['num_labels'])}, the model was built with "
                               f"{head(here['num_labels'])} (a task with other classes?)")
+    saved_names, names = saved_label_names(saved), label_names(model)
+    if saved_names is not None and names is not None and saved_names != names:
+        raise CheckpointError(f"checkpoint's classes {saved_names} differ from the model's {names} "
+                              "(a task with other class names or another label order?)")
 
 
 def load_weights(model, directory) -> None:
@@ -113,6 +169,10 @@ def load_weights(model, directory) -> None:
         if t.shape != params[name].shape:
             raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, "
                                   f"the model expects {tuple(params[name].shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}; the adapter "
+                                  "is damaged (or was saved from a diverged run): use an earlier checkpoint")
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -127,12 +128,52 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementa
         if not (path / "config.json").exists():
             raise ModelError(f"{name}: a model folder needs a config.json (found: "
                              f"{', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})")
-    elif "/" in name and not os.path.exists(name):
+    elif os.path.exists(name):
+        raise ModelError(f"model {name!r} is a file, not a model folder; give a folder with config.json, "
+                         f"a bundled alias ({', '.join(ALIASES)}) or a hub id like 'org/model'")
+    elif _looks_like_path(name):
+        raise ModelError(f"model {name!r}: no such local folder ({Path(name).expanduser().absolute()}); "
+                         f"not a bundled alias either ({', '.join(ALIASES)}); a path is never looked up "
+                         "on the hub")
+    elif HUB_ID.fullmatch(name):
         path = name  # hub id: the user asked for the hub
     else:
         raise ModelError(f"unknown model {name!r}: use a bundled alias ({', '.join(ALIASES)}), "
                          "a local folder with config.json, or a Hugging Face hub id like 'org/model'")
-    return _load_pretrained(name, path, dtype, attn_implementation)
+    try:
+        return _load_pretrained(name, path, dtype, attn_implementation)
+    except OSError as e:                     # transformers reports missing files and hub failures as OSError
+        raise ModelError(_not_loadable(name, path, e)) from None
+
+
+# A hub id is `org/name` (or a bare legacy `name`, which memtune does not look up): letters, digits, - _ .
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _looks_like_path(name: str) -> bool:
+    """`./x`, `../x`, `/abs/x`, `~/x`, `x/`, more than one `/`, or `dir/x` where `dir` is a local folder:
+    a local path, never a hub id."""
+    return (name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name) or os.path.isdir(name.split("/", 1)[0]))
+
+
+def hub_offline() -> bool:
+    """True when the hub may not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def _not_loadable(name: str, path, error: OSError) -> str:
+    """One line saying what was looked for and why it failed."""
+    reason = " ".join(str(error).split())[:300]
+    if isinstance(path, Path):
+        return f"model folder {str(path)!r} has a config.json but cannot be loaded: {reason}"
+    where = ("is not in the local hub cache, and offline mode (HF_HUB_OFFLINE=1) looks nowhere else"
+             if hub_offline() else f"could not be fetched ({reason})")
+    return (f"model {name!r}: not a bundled alias ({', '.join(ALIASES)}), not a local folder, and hub id "
+            f"{name!r} {where}; download it first or give a local folder with config.json")
 
 
 def _load_pretrained(name, path, dtype, attn_implementation) -> LoadedModel:

@@ -23,8 +23,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import DiskFullError, _fsync_dir, write_text
-from .checkpoint import CheckpointError, check_compatible, load_weights, read_adapter_config, save_adapter
+from .atomic import _fsync_dir, disk_full, file_mode, is_disk_full, write_text
+from .checkpoint import (CheckpointError, check_compatible, load_weights, read_adapter_config, save_adapter,
+                         tensor_bytes)
 
 KEEP = 2
 
@@ -52,24 +53,30 @@ def _unflatten_optimizer(tensors, meta) -> dict:
 
 
 def save_training_checkpoint(out_dir, model, optimizer, scheduler, progress: dict) -> Path:
-    """Write checkpoint `step-<step>` atomically and point `latest` at it. Returns its folder."""
+    """Write checkpoint `step-<step>` atomically and point `latest` at it. Returns its folder.
+
+    On any failure (a full disk included: safetensors reports it as its own SafetensorError) the temporary
+    folder is removed and the previous checkpoint and `latest` are left as they were."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{progress['step']:07d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda.{i}"] = s
+    needed = tensor_bytes(dict(model.trainable_named_parameters())) + tensor_bytes(opt_tensors) + tensor_bytes(rng)
     try:
         save_adapter(model, tmp)
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda.{i}"] = s
         save_file(rng, str(tmp / "rng.safetensors"))
         state = {"progress": progress, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        mode = file_mode()
         for f in tmp.iterdir():
+            os.chmod(f, mode)                     # safetensors writes 0600: give the user's umask instead
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
@@ -78,12 +85,14 @@ def save_training_checkpoint(out_dir, model, optimizer, scheduler, progress: dic
         os.replace(tmp, final)
         _fsync_dir(root)
         write_text(root / "latest", name + "\n")
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == 28 or isinstance(e, DiskFullError):
-            kept = latest_checkpoint(out_dir) or "none written yet"
-            raise DiskFullError(28, f"no space left on the device while writing checkpoint {name}; "
-                                    f"the previous checkpoint is kept ({kept})") from e
+        if is_disk_full(e):
+            if (root / name).exists() and _pointer(root) != name:
+                shutil.rmtree(root / name, ignore_errors=True)   # renamed in, but `latest` could not move
+            kept = latest_checkpoint(out_dir)
+            raise disk_full(root, f"checkpoint {name}", needed,
+                            f"the previous checkpoint is kept ({kept or 'none written yet'})") from None
         raise
     _prune(root, keep=KEEP)
     return final
@@ -101,6 +110,13 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _pointer(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip()
+    except OSError:
+        return None
+
+
 def latest_checkpoint(path) -> Path | None:
     """The newest complete checkpoint under a run folder (or the folder itself if it is one)."""
     path = Path(path)
@@ -114,6 +130,25 @@ def latest_checkpoint(path) -> Path | None:
             return cand
     done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
     return done[-1] if done else None
+
+
+def finished_run_metrics(resume, total_steps: int, model) -> dict | None:
+    """The saved metrics of the run `resume` names if it already finished `total_steps` (or more), else None.
+
+    metrics.json is written last, so its presence marks a finished run. Its adapter must fit `model`
+    (CheckpointError otherwise)."""
+    if not resume:
+        return None
+    path = Path(resume) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = _read(path, lambda f: json.loads(f.read_text(encoding="utf-8")))
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("steps"), int):
+        raise CheckpointError(f"{path}: not the metrics file memtune train writes (no step count)")
+    if metrics["steps"] < total_steps:
+        return None
+    check_compatible(read_adapter_config(resume), model)
+    return {**metrics, "already_finished": True}
 
 
 def _read(path: Path, reader):

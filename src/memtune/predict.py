@@ -1,0 +1,144 @@
+"""`memtune predict`: class names and probabilities of a trained adapter on new inputs.
+
+    memtune predict --model minilm --adapter runs/x --text "a fine film" --text "dull"
+    memtune predict --model minilm --adapter runs/x --file reviews.csv --json      # JSON lines
+    memtune predict --model tiny-vit --adapter runs/img --image cat.png
+
+The tokenizer or image processor is the base model's own; max_length and image_size are the ones the
+adapter was trained with (adapter_config.json `preprocessing`, else the run's metrics.json).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+BATCH = 32
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="class names and probabilities of a saved adapter on new inputs")
+    p.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
+    p.add_argument("--image", action="append", default=[], help="an image file to classify (repeatable)")
+    p.add_argument("--file", default=None, help="one input per line (texts, or image paths for an image adapter), "
+                                                "or a .csv/.jsonl file with a text column")
+    p.add_argument("--text-column", default="text", help="column of --file .csv/.jsonl holding the text")
+    p.add_argument("--json", action="store_true", help="one JSON object per input")
+
+
+def read_inputs(path: Path, text_column: str) -> list[str]:
+    from .data import TaskError
+
+    if not path.is_file():
+        raise TaskError(f"--file {path}: no such file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"--file {path} is not valid UTF-8 ({e})") from None
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(raw.splitlines()))
+        if rows and text_column not in rows[0]:
+            raise TaskError(f"--file {path} has no column {text_column!r} (columns: {', '.join(rows[0])}); "
+                            "choose one with --text-column")
+        return [r[text_column] for r in rows]
+    if path.suffix.lower() == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"--file {path}: line {n} is not JSON ({e})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
+                raise TaskError(f"--file {path}: line {n} has no string field {text_column!r}")
+            texts.append(obj[text_column])
+        return texts
+    return [line for line in raw.splitlines() if line.strip()]
+
+
+def preprocessing_of(adapter: Path, saved: dict) -> dict:
+    """max_length / image_size the adapter was trained with (adapter_config.json, else metrics.json)."""
+    found = dict(saved.get("preprocessing") or {})
+    metrics = adapter / "metrics.json"
+    if metrics.is_file():
+        try:
+            settings = json.loads(metrics.read_text(encoding="utf-8")).get("settings", {})
+        except (ValueError, AttributeError):
+            settings = {}
+        for key in ("max_length", "image_size"):
+            found.setdefault(key, settings.get(key))
+    return {"max_length": found.get("max_length") or 128, "image_size": found.get("image_size")}
+
+
+def predict(model, loaded, inputs: list, preprocessing: dict) -> list[dict[str, float]]:
+    """Class probabilities for each input (texts, or uint8 image arrays), by class name."""
+    import torch
+
+    from .checkpoint import label_names
+    from .data import make_collate
+
+    names = label_names(model) or [str(i) for i in range(model.num_labels)]
+    collate = make_collate(loaded.modality, loaded.preprocessor, max_length=preprocessing["max_length"],
+                           image_size=preprocessing["image_size"])
+    key = "text" if loaded.modality == "text" else "image"
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), BATCH):
+            batch = collate([{key: x, "label": 0} for x in inputs[start:start + BATCH]])
+            batch.pop("labels")
+            probs = torch.softmax(model(**batch).logits.float(), dim=-1)       # B×C
+            out += [dict(zip(names, row)) for row in probs.tolist()]
+    return out
+
+
+def cmd_predict(ns) -> int:
+    from .api import load
+    from .checkpoint import read_adapter_config
+    from .data import TaskError
+    from .data.image_folder import _read_image
+    from .models import load_model
+    from .train import ArgumentError
+
+    adapter = Path(ns.adapter)
+    saved = read_adapter_config(adapter)
+    if saved.get("objective") == "causal-lm":
+        raise ArgumentError(f"{adapter} is a causal-LM adapter: it generates text and has no classes to predict; "
+                            "memtune predict scores classification adapters (memtune eval reports its perplexity)")
+    loaded = load_model(ns.model)
+    if loaded.modality == "image":
+        paths = [*ns.image, *(read_inputs(Path(ns.file), ns.text_column) if ns.file else [])]
+        if ns.text:
+            raise ArgumentError("--text does not apply to an image adapter; give --image PATH or --file with paths")
+        shown, inputs = paths, [_read_image(Path(p)) if Path(p).is_file() else _missing_image(p) for p in paths]
+    else:
+        if ns.image:
+            raise ArgumentError("--image does not apply to a text adapter; give --text or --file")
+        inputs = shown = [*ns.text, *(read_inputs(Path(ns.file), ns.text_column) if ns.file else [])]
+    if not inputs:
+        raise TaskError("nothing to predict: give --text TEXT (repeatable), --image PATH or --file FILE")
+    model = load(loaded, adapter)
+    for shown_input, probs in zip(shown, predict(model, loaded, inputs, preprocessing_of(adapter, saved))):
+        label = max(probs, key=probs.get)
+        if ns.json:
+            print(json.dumps({"input": shown_input, "label": label, "probabilities": probs}))
+        else:
+            others = ", ".join(f"{n} {p:.4f}" for n, p in sorted(probs.items(), key=lambda kv: -kv[1])[1:])
+            print(f"{label}\t{probs[label]:.4f}\t({others})\t{_one_line(shown_input)}")
+    sys.stdout.flush()
+    return 0
+
+
+def _missing_image(path: str):
+    from .data import TaskError
+
+    raise TaskError(f"image {path}: no such file")
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"

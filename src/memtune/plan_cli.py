@@ -41,12 +41,14 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--model", required=True, help="known name (t5-base, t5-3b, bert-base, llama-7b, minilm, ...; an "
                                                   "unknown name lists them all), a config.json or model folder, "
                                                   "or a hub id")
-    p.add_argument("--methods", default="full,lora,adapter,bitfit,lst",
-                   help="comma list of methods; name:key=value adds options (e.g. lst:r=16)")
+    p.add_argument("--methods", default=None,
+                   help="comma list of methods (default full,lora,adapter,bitfit,lst; with --budget and no "
+                        "--methods, every method × memory technique is searched and the fastest that fits "
+                        "is recommended); name:key=value adds options (e.g. lst:r=16)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="text: tokens per sequence (padded to exactly this)")
     p.add_argument("--image-size", type=int, default=None, help="vision: pixels per side (default: the model's)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32; bf16 = bf16 weights; *-amp = fp32 weights + autocast")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="sgd = SGD with momentum 0.9")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -63,6 +65,15 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--layers", type=int, default=None,
                    help="plan at N and 2N blocks and extrapolate per block (faster for deep models)")
     p.add_argument("--json", default=None, help="write the plan here (bytes and GiB)")
+    from .memory.devices import PROFILE_NAMES
+    from .memory.sharding import SCHEMES
+
+    p.add_argument("--device-profile", default=None, metavar="NAME",
+                   help=f"device for predicted step times: {', '.join(PROFILE_NAMES)} (default: cpu with "
+                        "--device cpu, else h100; cpu is measured on this machine once and cached)")
+    p.add_argument("--num-gpus", type=int, default=1, help="data-parallel GPUs (--batch-size is per GPU)")
+    p.add_argument("--sharding", choices=SCHEMES, default=None,
+                   help="how N GPUs split the model state (default ddp with --num-gpus > 1)")
 
 
 def settings_from_args(ns):
@@ -70,10 +81,10 @@ def settings_from_args(ns):
 
     return PlanSettings(
         model=ns.model, batch_size=ns.batch_size, max_length=ns.max_length, image_size=ns.image_size,
-        precision=ns.precision, optimizer=ns.optimizer, gradient_checkpointing=ns.gradient_checkpointing,
+        precision=ns.precision or "fp32", optimizer=ns.optimizer, gradient_checkpointing=ns.gradient_checkpointing,
         attn=ns.attn, budget_bytes=parse_budget(ns.budget) if ns.budget is not None else None,
         num_labels=ns.num_labels, objective=ns.objective, target_length=ns.target_length, device=ns.device,
-        layers=ns.layers,
+        layers=ns.layers, device_profile=ns.device_profile,
     )
 
 
@@ -161,13 +172,58 @@ def budget_summary(result) -> str:
 
 def cmd_plan(ns) -> int:
     from .memory.plan import plan
+    from .plan_report import format_step_times
 
     settings = settings_from_args(ns)
-    result = plan(settings, ns.methods)
-    print(format_plan(result))
+    if ns.num_gpus < 1:
+        from .methods import ConfigError
+
+        raise ConfigError(f"--num-gpus must be >= 1, got {ns.num_gpus}")
+    search = settings.budget_bytes is not None and ns.methods is None and ns.num_gpus == 1
+    extra = {}
+    if search:                   # "what is fastest that fits?": every method × technique, the fastest marked
+        from .memory.recommend import recommend
+        from .plan_report import format_recommendation
+
+        rec = recommend(settings, precision_fixed=ns.precision is not None)
+        result = rec.result
+        print(format_recommendation(rec).lstrip("\n"))
+        extra["recommendation"] = {"recommended": rec.best.label if rec.best else None,
+                                   "techniques": rec.techniques, "notes": rec.notes,
+                                   "accuracy_sources": rec.accuracy_sources}
+    else:
+        result = plan(settings, ns.methods or DEFAULT_METHODS)
+        if settings.budget_bytes is not None:
+            from .memory.recommend import mark_fastest
+
+            mark_fastest(result.methods)
+        print(format_plan(result))
+        times = format_step_times(result)
+        if times:
+            print("\n" + times)
+    if ns.num_gpus > 1 or ns.sharding:
+        extra["distributed"] = _distributed(result, ns, settings)
     if ns.json:
         path = Path(ns.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps({**result.to_dict(), **extra}, indent=2) + "\n")
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+DEFAULT_METHODS = "full,lora,adapter,bitfit,lst"
+
+
+def _distributed(result, ns, settings) -> dict:
+    from .memory.sharding import shard_plan
+    from .memory.step_time import profile_for
+    from .plan_report import format_sharding
+
+    scheme = ns.sharding or "ddp"
+    profile = profile_for(settings)
+    shards = {m.label: shard_plan(m, ns.num_gpus, scheme, profile, num_blocks=result.num_layers,
+                                  budget_bytes=settings.budget_bytes, batch_size=settings.batch_size)
+              for m in result.methods if m.status == "ok"}
+    print(format_sharding(shards))
+    return {"num_gpus": ns.num_gpus, "sharding": scheme, "batch_size_per_gpu": settings.batch_size,
+            "per_method": {k: v.to_dict() for k, v in shards.items()}}

@@ -17,7 +17,7 @@ from memtune.cli import main as cli_main
 from memtune.memory.known_configs import known_models, resolve_config
 from memtune.memory.measure import measure_training_memory
 from memtune.memory.plan import (BlockCheckpointing, PlanSettings, build_meta_model, make_batch, make_optimizer,
-                                 plan)
+                                 objective_of, plan)
 from memtune.methods import METHODS, ConfigError, config_for
 from memtune.models import ModelError, load_model
 
@@ -45,7 +45,7 @@ def measure_real(settings, mp):
     torch.manual_seed(0)
     loaded = load_model(settings.model)
     loaded.model.config._attn_implementation = settings.attn
-    num_labels = None if loaded.model.config.model_type == "llama" else settings.num_labels
+    num_labels = None if objective_of(loaded.model.config, settings) == "causal-lm" else settings.num_labels
     model = memtune.wrap(loaded, config_for(mp.method, mp.options), num_labels=num_labels)
     if settings.precision == "bf16":
         model.to(torch.bfloat16)

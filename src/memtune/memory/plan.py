@@ -44,9 +44,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..methods import METHODS, ConfigError, config_for
+from ..methods import METHODS, ConfigError
+from ..techniques.planning import plan_techniques
 from .known_configs import resolve_config
 from .measure import static_bytes
+from .step_time import attach_step_cost, extrapolate_cost, finish_step_times
 from .plan_step import (CUDA_WORKSPACE_BYTES, BlockCheckpointing, build_meta_model, config_depth,
                         default_image_size, make_batch, make_optimizer, max_positions, objective_of,
                         planning_context, run_step, warm_up, with_depth)
@@ -79,6 +81,7 @@ class PlanSettings:
     target_length: int = 1             # T5: decoder positions (memtune's classification reads one)
     device: str = "cuda"
     layers: int | None = None          # plan at `layers` and 2·`layers` blocks and extrapolate (None: all)
+    device_profile: str | None = None  # step-time profile (`memory.devices`); None: cpu for device cpu, else h100
 
     def validate(self) -> None:
         def need(ok, msg):
@@ -97,6 +100,9 @@ class PlanSettings:
         need(self.budget_bytes is None or self.budget_bytes > 0, f"budget must be > 0, got {self.budget_bytes}")
         need(self.target_length >= 1, f"target length must be >= 1, got {self.target_length}")
         need(self.layers is None or self.layers >= 1, f"layers must be >= 1, got {self.layers}")
+        if self.device_profile is not None:
+            from .devices import get_profile
+            get_profile(self.device_profile)           # unknown names fail here, listing the known ones
 
 
 @dataclass
@@ -126,8 +132,23 @@ class MethodPlan:
     max_batch_peak_bytes: int | None = None  # its (verified) peak
     bytes_per_sample: float | None = None    # d(peak)/d(batch)
     gradient_checkpointing: str = "off"      # "off" | "applied" | "not needed" | "not supported"
+    techniques: list = field(default_factory=list)   # the row's memory techniques (`memtune.techniques`)
+    quantized_weight_bytes: int | None = None       # nf4/fp4/int8: packed weights + constants of those layers
+    linear_weight_bytes: int | None = None          # the same layers' weights unquantized (fp32: ×4 per weight)
+    linear_weight_fp32_bytes: int | None = None
+    offload_host_bytes: int | None = None           # offload: saved tensors in pinned host memory
     notes: list = field(default_factory=list)
     seconds: float = 0.0
+    # Predicted time (`memory.step_time`): seconds on `device_profile`; ratio to the full row at this batch.
+    step_time_s: float | None = None
+    time_vs_full: float | None = None
+    max_batch_step_time_s: float | None = None
+    time_per_example_s: float | None = None
+    step_flops: int | None = None
+    device_profile: str | None = None
+    recommended: bool | None = None          # set by `memory.recommend` on the fastest fitting row
+    benchmark_accuracy: dict | None = None   # `memory.recommend`: benchmark → accuracy the method measured
+    cost: object = field(default=None, repr=False, compare=False)   # counted work; not written to JSON
 
     @property
     def trainable_pct(self) -> float:
@@ -139,6 +160,7 @@ class MethodPlan:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d.pop("cost", None)
         d["trainable_pct"] = self.trainable_pct
         d["gib"] = {k: getattr(self, f"{k}_bytes") / GIB for k in
                     ("parameter", "gradient", "optimizer", "activation_peak", "peak")}
@@ -180,15 +202,17 @@ class _Step:
     split: dict
     saved: int
     inputs: int
+    cost: object = None          # the step's counted work (`flops.StepCost`)
 
 
 class _MethodRunner:
     """A method's meta model and optimizer, stepped at any batch size."""
 
-    def __init__(self, config, settings, method, options, prepare=None):
+    def __init__(self, config, settings, method, options, prepare=None, techniques=()):
         self.settings = settings
         self.model, self.pretrained_params = build_meta_model(config, settings, method, options, prepare)
-        self.ckpt = BlockCheckpointing(self.model.backbone) if settings.gradient_checkpointing else None
+        self.techniques = plan_techniques(self.model, settings, techniques)
+        self.ckpt = self.techniques.checkpointing
         self.optimizer = make_optimizer(self.model, settings)
         warm_up(self.model, self.optimizer, make_batch(self.model, settings, settings.batch_size), settings)
         self.cache: dict[int, _Step] = {}
@@ -197,11 +221,11 @@ class _MethodRunner:
     def step(self, batch_size: int) -> _Step:
         if batch_size not in self.cache:
             batch = make_batch(self.model, self.settings, batch_size)
-            r = run_step(self.model, self.optimizer, batch, self.settings)
+            r = run_step(self.model, self.optimizer, batch, self.settings, count_cost=True)
             inputs = sum(t.untyped_storage().nbytes() for t in batch.values())
             ws = self.workspace
             self.cache[batch_size] = _Step(r.peak_bytes + ws, r.start_bytes + ws, dict(r.peak_split),
-                                           r.max_activation_bytes, inputs)
+                                           r.max_activation_bytes, inputs, r.extra.get("cost"))
         return self.cache[batch_size]
 
 
@@ -267,7 +291,7 @@ def _plan_options(method: str, options: dict, depth: int) -> tuple[dict, list[st
 
 
 def _plan_method(config, settings: PlanSettings, label: str, method: str, options: dict,
-                 prepare=None) -> MethodPlan:
+                 prepare=None, techniques=()) -> MethodPlan:
     t0 = time.perf_counter()
     plan = MethodPlan(label=label, method=method, options=dict(options))
     options, plan.notes = _plan_options(method, options, config_depth(config))
@@ -275,7 +299,7 @@ def _plan_method(config, settings: PlanSettings, label: str, method: str, option
     from ..backbones import UnsupportedModel
 
     try:
-        runner = _MethodRunner(config, settings, method, options, prepare)
+        runner = _MethodRunner(config, settings, method, options, prepare, techniques)
         s = runner.step(settings.batch_size)
     except (ConfigError, UnsupportedModel) as e:
         plan.status, plan.message = "unsupported", str(e)
@@ -286,8 +310,7 @@ def _plan_method(config, settings: PlanSettings, label: str, method: str, option
                         "the method may read tensor values during its step")
         return plan
     _fill(plan, runner, s)
-    if runner.ckpt is not None:
-        plan.gradient_checkpointing = runner.ckpt.status()
+    runner.techniques.fill(plan)
     if "init" in options or any(f.name == "init" for f in dataclasses.fields(METHODS[method])):
         init = options.get("init", getattr(runner.model.method_config, "init", None))
         plan.notes.append(f"init={init}: planned from shapes (no weights are copied or pruned on meta); "
@@ -296,6 +319,7 @@ def _plan_method(config, settings: PlanSettings, label: str, method: str, option
         plan.fits = plan.peak_bytes <= settings.budget_bytes
         b, peak, slope = largest_batch(runner.step, settings.batch_size, settings.budget_bytes)
         plan.max_batch_size, plan.max_batch_peak_bytes, plan.bytes_per_sample = b, peak, slope
+    attach_step_cost(plan, runner, settings)
     plan.seconds = time.perf_counter() - t0
     return plan
 
@@ -328,40 +352,17 @@ def extrapolate(a: MethodPlan, b: MethodPlan, ka: int, kb: int, n: int, settings
             out.max_batch_size = best
             out.max_batch_peak_bytes = int(out.peak_bytes + (best - settings.batch_size) * slope) if best else None
     out.notes = list(b.notes) + [f"extrapolated per block from plans at {ka} and {kb} of {n} blocks"]
+    extrapolate_cost(out, a, b, ka, kb, n)
     out.seconds = a.seconds + b.seconds
     return out
 
 
 # -- the entry point --------------------------------------------------------------------------------------------
-def parse_method_specs(methods) -> list[tuple[str, str, dict]]:
-    """'full,lora:r=16,lst' or a list → [(label, method, options)], unknown names rejected up front."""
-    from ..compare import parse_method_spec
+def parse_method_specs(methods):
+    """'full,lora:r=16,lora+nf4+gc' or a list → [memtune.spec.MethodSpec], every spec checked up front."""
+    from ..spec import parse_specs
 
-    if isinstance(methods, str):
-        # Commas separate methods, and also the items of a tuple option (lst:keep_layers=1,2,3): a piece
-        # that is not a method name continues the previous spec.
-        pieces = []
-        for piece in (p.strip() for p in methods.split(",")):
-            if not piece:
-                continue
-            if pieces and "=" in pieces[-1] and piece.split(":")[0] not in METHODS:
-                pieces[-1] += "," + piece
-            else:
-                pieces.append(piece)
-        methods = pieces
-    if not methods:
-        raise ConfigError(f"no methods given; available: {', '.join(METHODS)}")
-    specs = []
-    for m in methods:
-        try:
-            label, method, options = parse_method_spec(m)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-        config_for(method, options)          # bad option values fail here, before any planning
-        specs.append((label, method, options))
-    return specs
+    return parse_specs(methods)
 
 
 def plan(settings: PlanSettings, methods, config=None, source: str | None = None, prepare=None) -> PlanResult:
@@ -394,23 +395,25 @@ def plan(settings: PlanSettings, methods, config=None, source: str | None = None
     results = []
     with planning_context():
         _plan_all(config, settings, specs, depth, results, prepare)
+    finish_step_times(results, settings)
     return PlanResult(settings, source or settings.model, config.model_type, depth, tokens, results,
                       time.perf_counter() - t0)
 
 
 def _plan_all(config, settings, specs, depth, results, prepare=None) -> None:
-    for label, method, options in specs:
+    for spec in specs:
+        label, method, options, tech = spec.label, spec.method, spec.options, spec.techniques
         k = settings.layers
         uneven = config.model_type == "t5" and config.num_decoder_layers != config.num_layers
         if k is None or 2 * k >= depth or uneven:
-            results.append(_plan_method(config, settings, label, method, options, prepare))
+            results.append(_plan_method(config, settings, label, method, options, prepare, tech))
             continue
         try:
-            a = _plan_method(with_depth(config, k), settings, label, method, options, prepare)
-            b = _plan_method(with_depth(config, 2 * k), settings, label, method, options, prepare)
+            a = _plan_method(with_depth(config, k), settings, label, method, options, prepare, tech)
+            b = _plan_method(with_depth(config, 2 * k), settings, label, method, options, prepare, tech)
         except ConfigError:
             a = b = None                     # a depth-dependent option (layer indices): plan at full depth
         if a is None or a.status != "ok" or b.status != "ok":
-            results.append(_plan_method(config, settings, label, method, options, prepare))
+            results.append(_plan_method(config, settings, label, method, options, prepare, tech))
             continue
         results.append(extrapolate(a, b, k, 2 * k, depth, settings))

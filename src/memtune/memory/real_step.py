@@ -1,0 +1,80 @@
+"""A planned workload's training step on real tensors on this CPU, to time it (calibration and benchmarks).
+
+    step = build_real_step(PlanSettings(model="minilm", batch_size=8, max_length=64, device="cpu"), "lora", {})
+    seconds = time_step(step, warmup=2, steps=5)
+
+The step is the planner's: the same model (bundled weights, or random weights for a tiny alias), the method's
+wrapper, the planner's optimizer (`make_optimizer`), a batch shaped as `make_batch` (every token real), and
+forward, backward, `optimizer.step()`, `zero_grad(set_to_none=True)`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class RealStep:
+    def __init__(self, model, optimizer, batch, gradient_checkpointing: bool):
+        self.model, self.optimizer, self.batch = model, optimizer, batch
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def __call__(self) -> None:
+        from .measure import training_step
+
+        training_step(self.model, self.batch, self.optimizer)
+
+
+def _real_batch(model, settings, batch_size: int) -> dict[str, torch.Tensor]:
+    from .plan_step import make_batch
+
+    out = {}
+    for k, v in make_batch(model, settings, batch_size).items():
+        if v.dtype == torch.long:
+            out[k] = torch.full(v.shape, {"attention_mask": 1, "token_type_ids": 0, "labels": 0}.get(k, 5))
+        else:
+            out[k] = torch.randn(v.shape, generator=torch.Generator().manual_seed(0)).to(v.dtype)
+    if out["labels"].dim() == 2:
+        out["labels"] = out["input_ids"].clone()
+    return out
+
+
+def build_real_step(settings, method: str, options: dict) -> RealStep:
+    """The plan's step for `method` on real tensors (CPU); settings.model must be loadable here."""
+    import memtune
+    from memtune.methods import config_for
+    from memtune.models import load_model
+
+    from .plan_step import BlockCheckpointing, make_optimizer, objective_of
+
+    torch.manual_seed(0)
+    loaded = load_model(settings.model, attn_implementation=settings.attn)
+    num_labels = None if objective_of(loaded.model.config, settings) == "causal-lm" else settings.num_labels
+    model = memtune.wrap(loaded, config_for(method, options), num_labels=num_labels)
+    if settings.precision == "bf16":
+        model.to(torch.bfloat16)
+    model.train()
+    if settings.gradient_checkpointing:
+        BlockCheckpointing(model.backbone)
+    optimizer = make_optimizer(model, settings)
+    return RealStep(model, optimizer, _real_batch(model, settings, settings.batch_size),
+                    settings.gradient_checkpointing)
+
+
+def step_times(step, warmup: int = 2, steps: int = 5) -> list[float]:
+    """Seconds of `steps` timed calls after `warmup` untimed ones, on `devices.step_clock()` (CPU time of
+    this process with one torch thread: other processes' load on a shared machine does not count)."""
+    from .devices import step_clock
+
+    clock = step_clock()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = clock()
+        step()
+        times.append(clock() - t0)
+    return times
+
+
+def time_step(step, warmup: int = 2, steps: int = 5) -> float:
+    """The fastest of `step_times` (a shared machine only ever adds to a step)."""
+    return min(step_times(step, warmup, steps))

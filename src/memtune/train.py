@@ -21,11 +21,15 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .api import wrap
-from .atomic import DiskFullError, write_json
+from .atomic import disk_full, is_disk_full, write_json
+from .checkpoint import tensor_bytes
 from .data import load_task, make_collate
 from .methods import config_for
 from .models import load_model
-from .resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from .evaluation import evaluate
+from .progress import Progress
+from .resume import finished_run_metrics, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from .run_folder import RunFolder, check_run_folder, main_rank
 from .run_info import git_commit, machine, versions
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -70,6 +74,18 @@ class TrainArgs:
     memory_batch_size: int | None = None               # memory run's batch (default: batch_size)
     memory_max_length: int | None = None               # memory run's padded length (default: max_length)
     progress: bool = True
+    # Memory techniques orthogonal to the method (`memtune.techniques`): gc, nf4 / fp4 / int8, offload.
+    gradient_checkpointing: bool = False
+    quantize: str | None = None                        # frozen base weights: nf4, fp4 or int8 (bitsandbytes)
+    offload_activations: bool = False                  # saved activations in pinned CPU memory (CUDA only)
+
+    overwrite: bool = False                            # a fresh run may replace the run already in `out`
+    val_fraction: float = 0.0                          # > 0: hold out this share of train for selection
+
+    def techniques(self):
+        from .techniques import MemoryTechniques
+
+        return MemoryTechniques(self.gradient_checkpointing, self.quantize, self.offload_activations)
 
     def validate(self) -> None:
         def need(ok, msg):
@@ -83,12 +99,15 @@ class TrainArgs:
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
         need(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}")
         need(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.objective in ("classification", "causal-lm"),
              f"--objective must be classification or causal-lm, got {self.objective!r}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1,
              f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.quantize in (None, "nf4", "fp4", "int8"),
+             f"--quantize must be nf4, fp4 or int8, got {self.quantize!r}")
         if self.precision == "fp16" and not torch.cuda.is_available():
             raise ArgumentError("--precision fp16 needs a CUDA GPU (CPU autocast supports bf16); use bf16 or fp32")
 
@@ -138,7 +157,8 @@ def build(args: TrainArgs, loaded=None, task=None):
     """Load model and task and wrap the model: returns (model, task, loaded, collate)."""
     loaded = loaded or load_model(args.model)
     task = task or load_task(args.task, text_column=args.text_column, label_column=args.label_column,
-                             seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit)
+                             seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
+                             val_fraction=args.val_fraction)
     if task.kind != loaded.modality:
         raise ArgumentError(f"task {args.task!r} holds {task.kind} data but model {args.model!r} reads "
                             f"{loaded.modality}; pick a {task.kind} model")
@@ -146,7 +166,9 @@ def build(args: TrainArgs, loaded=None, task=None):
     causal = args.objective == "causal-lm"
     options = dict(args.options)
     config = config_for(args.method, options)
-    model = wrap(loaded, config, num_labels=None if causal else task.num_labels, name=args.model)
+    model = wrap(loaded, config, num_labels=None if causal else task.num_labels, name=args.model,
+                 label_names=None if causal else task.label_names, techniques=args.techniques())
+    model.preprocessing = {"max_length": args.max_length, "image_size": args.image_size}  # saved for predict
     kw = dict(max_length=args.max_length, image_size=args.image_size, causal_lm=causal)
     return model, task, loaded, make_collate(task.kind, loaded.preprocessor, **kw)
 
@@ -156,10 +178,6 @@ def check_length(loaded, max_length: int) -> None:
     if loaded.modality == "text" and limit and max_length > limit:
         raise ArgumentError(f"--max-length {max_length} exceeds the model's {limit} positions; "
                             f"use --max-length {limit} or less")
-
-
-def default_lr(method: str, options: dict) -> float:
-    return config_for(method, options).default_lr
 
 
 def seed_everything(seed: int) -> None:
@@ -172,33 +190,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-@torch.no_grad()
-def evaluate(model, examples, collate, batch_size: int, device, progress=False) -> dict:
-    """Accuracy (classification) or loss and perplexity (causal LM) over `examples`."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    loss_sum = tokens = 0.0
-    from tqdm.auto import tqdm
-
-    batches = range(0, len(examples), batch_size)
-    for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
-        out = model(**batch)
-        if model.objective == "causal-lm":
-            n = (batch["labels"][:, 1:] != -100).sum().item()
-            loss_sum += out.loss.item() * n
-            tokens += n
-        else:
-            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
-            total += len(batch["labels"])
-    model.train(was_training)
-    if model.objective == "causal-lm":
-        loss = loss_sum / max(tokens, 1)
-        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
-    return {"accuracy": correct / max(total, 1), "eval_examples": total}
 
 
 def measure_memory(args: TrainArgs) -> dict:
@@ -227,7 +218,7 @@ def measure_memory(args: TrainArgs) -> dict:
 
 def make_optimizer(model, args: TrainArgs):
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = args.lr or default_lr(args.method, args.options)
+    lr = args.lr or model.method_config.lr_for(model.backbone.family)
     return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
 
 
@@ -254,16 +245,25 @@ def _stopped(what: str, step: int, out: Path) -> TrainingError:
 
 
 def train(args: TrainArgs) -> dict:
-    from tqdm.auto import tqdm
+    """Train, evaluate and save one run into `args.out`, which it holds locked. A finished run given to
+    --resume is not trained again: its saved metrics come back, with `already_finished: True`."""
+    args.validate()
+    if main_rank():                     # other DDP ranks write nothing and would see the main rank's lock
+        check_run_folder(args.out, args.resume, args.overwrite)
+    with RunFolder(args.out, args.overwrite) as folder:
+        return _train(args, folder)
+
+
+def _train(args: TrainArgs, folder: RunFolder) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
-    args.validate()
     t_start = time.time()
     out = Path(args.out)
     memory = measure_memory(args) if args.measure_memory else None
 
     seed_everything(args.seed)
     model, task, loaded, collate = build(args)
+    folder.clear_previous_run(args.resume)          # --overwrite: only now that model and task have loaded
     if getattr(model, "data_init_pending", False) and not args.resume:
         # Data-dependent initialisation (LST's Fisher pruning): single examples of the shuffled training set.
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -289,19 +289,25 @@ def train(args: TrainArgs) -> dict:
 
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     if args.resume:
+        # A finished run is checked against this model (method, classes, intact files) before it is reported.
+        finished = finished_run_metrics(args.resume, total_steps, model)
+        if finished is not None and latest_checkpoint(args.resume) is None:
+            return finished                         # nothing to train; metrics.json stays as it is
         progress = load_training_checkpoint(args.resume, model, optimizer, scheduler)
+        if finished is not None:
+            return finished
         accelerator.print(f"memtune: resumed from {latest_checkpoint(args.resume)} at step {progress['step']}")
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
     trainable, total = unwrapped.num_parameters_split()
-    bar = tqdm(total=total_steps, initial=progress["step"], desc=f"{args.method}", unit="step",
-               disable=not (args.progress and accelerator.is_main_process), dynamic_ncols=True)
-    step_times, last_loss = [], float("nan")
+    step_times, last_loss = [], progress.get("loss", float("nan"))
     before = None
     if args.eval_before and not args.resume:
         before = evaluate(unwrapped, task.test, collate, args.eval_batch_size, accelerator.device,
                           progress=args.progress and accelerator.is_main_process)
+    bar = Progress(total_steps, args.method, enabled=args.progress and accelerator.is_main_process,
+                   initial=progress["step"], items_per_update=args.batch_size * accelerator.num_processes)
     model.train()
     while progress["step"] < total_steps:
         # The prepared loader sets its sampler's epoch from its own iteration counter: tell it the real one.
@@ -327,12 +333,10 @@ def train(args: TrainArgs) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - t0)
-            last_loss = check.item()
+            last_loss = progress["loss"] = check.item()
             progress["step"] += 1
             progress["batch_in_epoch"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}",
-                            samples_s=f"{args.batch_size * accelerator.num_processes / step_times[-1]:.1f}")
+            bar.update(loss=last_loss)
             if args.checkpoint_every and progress["step"] % args.checkpoint_every == 0:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
@@ -346,6 +350,10 @@ def train(args: TrainArgs) -> dict:
 
     results = evaluate(unwrapped, task.test, collate, args.eval_batch_size, accelerator.device,
                        progress=args.progress and accelerator.is_main_process)
+    if task.validation:       # held out of training: model / learning-rate selection (`memtune.sweep`)
+        val = evaluate(unwrapped, task.validation, collate, args.eval_batch_size, accelerator.device,
+                       progress=args.progress and accelerator.is_main_process)
+        results.update({f"val_{k}": v for k, v in val.items()})
     timed = step_times[2:] or step_times
     metrics = {
         "method": args.method, "model": args.model, "task": args.task,
@@ -356,7 +364,7 @@ def train(args: TrainArgs) -> dict:
         **results,
         **({"before": before} if before else {}),
         "train_examples": len(task.train), "test_examples": len(task.test),
-        "settings": {k: v for k, v in asdict(args).items() if k not in ("progress",)},
+        "settings": {k: v for k, v in asdict(args).items() if k not in ("progress", "overwrite")},
         "config": unwrapped.method_config.to_dict(),
         "num_processes": accelerator.num_processes,
         "versions": versions(), "git_commit": git_commit(), "machine": machine(),
@@ -371,8 +379,12 @@ def train(args: TrainArgs) -> dict:
         try:
             unwrapped.save_pretrained(out)
             write_json(out / "metrics.json", metrics)          # last: its presence marks a finished run
-        except DiskFullError as e:
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
             good = latest_checkpoint(out)
-            raise DiskFullError(e.errno, f"{e.strerror}. Last checkpoint: {good or 'none written'}"
-                                + (f"; free some space and rerun with --resume {out} to finish" if good else "")) from e
+            kept = (f"last checkpoint kept: {good}; free some space and rerun with --resume {out} to finish"
+                    if good else "no checkpoint was written (use --checkpoint-every to keep one)")
+            raise disk_full(out, "the final adapter", tensor_bytes(dict(unwrapped.trainable_named_parameters())),
+                            kept) from None
     return metrics

@@ -28,15 +28,17 @@ class Task:
     train: list[dict] = field(default_factory=list)
     test: list[dict] = field(default_factory=list)
     label_names: list[str] = field(default_factory=list)
+    # Carved from the training data when asked for (``load_task(..., val_fraction=...)``); never the test split.
+    validation: list[dict] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
     def label_counts(self, split: str = "train") -> dict[str, int]:
-        """Examples per class name in ``split`` ("train" or "test")."""
-        if split not in ("train", "test"):
-            raise TaskError(f"split must be 'train' or 'test', got {split!r}")
+        """Examples per class name in ``split`` ("train", "validation" or "test")."""
+        if split not in ("train", "validation", "test"):
+            raise TaskError(f"split must be 'train', 'validation' or 'test', got {split!r}")
         counts = Counter(ex["label"] for ex in getattr(self, split))
         return {name: counts.get(i, 0) for i, name in enumerate(self.label_names)}
 
@@ -45,5 +47,5 @@ class Task:
     def __repr__(self) -> str:
         return (
             f"Task(name={self.name!r}, kind={self.kind!r}, train={len(self.train)}, "
-            f"test={len(self.test)}, label_names={self.label_names!r})"
+            f"validation={len(self.validation)}, test={len(self.test)}, label_names={self.label_names!r})"
         )

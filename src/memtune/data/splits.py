@@ -123,3 +123,25 @@ def stratified_subset(
         take = min(quota[y], len(idx))
         chosen.extend(int(idx[j]) for j in rng.choice(len(idx), size=take, replace=False))
     return sorted(chosen)
+
+
+def carve_validation(examples: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split training examples into (train, validation) for model and learning-rate selection.
+
+    The validation part is carved from the training split only, so the test split is never looked at.
+    Examples with a ``movie`` key (Rotten Tomatoes) are split by movie, like the train/test split, so that
+    a movie never sits on both sides; others are split per class (stratified). The choice depends on
+    ``seed``: each seed of a multi-seed run validates on its own carve-out, and the test set is shared.
+    """
+    if not 0 < fraction < 1:
+        raise TaskError(f"validation fraction must be in (0, 1), got {fraction!r}")
+    if len(examples) < 4:
+        raise TaskError(f"a validation split needs at least 4 training examples, got {len(examples)}")
+    salt = f"validation:{seed}"
+    if all("movie" in ex for ex in examples):
+        train_idx, val_idx = group_split([str(ex["movie"]) for ex in examples], salt, fraction)
+    else:
+        train_idx, val_idx = stratified_split([ex["label"] for ex in examples], salt, fraction)
+    if not train_idx or not val_idx:
+        raise TaskError(f"a validation fraction of {fraction} leaves an empty side of {len(examples)} examples")
+    return [examples[i] for i in train_idx], [examples[i] for i in val_idx]

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import bundled
 from .base import Task, TaskError
 from .image_folder import IMAGE_SUFFIXES, load_image_folder
-from .splits import check_limit, stratified_subset
+from .splits import carve_validation, check_limit, stratified_subset
 from .user_files import build_text_task, read_csv, read_jsonl
 
 # name -> (kind, reader, one-line description)
@@ -65,12 +65,16 @@ def load_task(
     seed: int = 0,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    val_fraction: float = 0.0,
 ) -> Task:
     """Load a task by name; see the module docstring for the accepted names.
 
     ``text_column`` / ``label_column`` rename the columns of csv/jsonl files.
     ``train_limit`` / ``test_limit`` keep a class-stratified random subset whose
     choice depends only on ``seed``; the underlying split never depends on it.
+    ``val_fraction`` > 0 carves a validation split (``task.validation``) out of the (limited) training
+    data, seeded and disjoint from what trains (see ``splits.carve_validation``); the test split is
+    never touched.
     The returned lists are fresh copies, so callers may reorder or extend them.
     """
     train_limit = check_limit(train_limit, "train_limit")
@@ -95,13 +99,17 @@ def load_task(
         read = read_csv if prefix.lower() == "csv" else read_jsonl
         task = build_text_task(raw.strip(), path, read(path, text_column, label_column))
     elif raw.strip() and Path(raw).expanduser().is_dir():
-        return load_image_folder(Path(raw).expanduser(), raw, train_limit=train_limit,
+        # Limits pick files before decoding, so a large folder stays cheap.
+        task = load_image_folder(Path(raw).expanduser(), raw, train_limit=train_limit,
                                  test_limit=test_limit, seed=seed)
+        train_limit = test_limit = None
     else:
         raise _unknown(raw)
 
     task.train = _subset(task.train, train_limit, seed, stream=0)
     task.test = _subset(task.test, test_limit, seed, stream=1)
+    if val_fraction:
+        task.train, task.validation = carve_validation(task.train, val_fraction, seed)
     return task
 
 

@@ -79,6 +79,11 @@ class MethodConfig:
     def validate(self) -> None:
         pass
 
+    @classmethod
+    def lr_for(cls, family: str) -> float:
+        """The learning rate used when the user gives none, for a backbone family (default: `default_lr`)."""
+        return cls.default_lr
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 

@@ -1,0 +1,124 @@
+"""Several seeds and a learning-rate grid per method: selection on validation, test accuracy of the pick.
+
+    memtune compare ... --seeds 3 --lr-grid 1e-4,3e-4,1e-3
+
+Protocol (one method spec at a time):
+1. With a learning-rate grid, every grid value trains with the first seed on the training data minus a
+   validation carve-out (`--val-fraction`, default 0.1); the value with the best validation score wins
+   (ties: the smaller learning rate). The test split plays no part in the choice.
+2. Every seed then trains at the chosen value (the first seed's run is reused) and is scored on the test
+   split; the record holds each seed's score, their mean and the half-width of a 95 % Student-t interval.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Callable
+
+# Metrics where larger is better; the first one a record has decides selection and the summary.
+SCORES = ("accuracy", "val_accuracy")
+
+
+def ci95_half_width(values: list[float]) -> float | None:
+    """Half-width of the 95 % confidence interval of the mean (Student t, n − 1 degrees of freedom)."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def parse_lr_grid(text: str | None) -> list[float]:
+    """'1e-4,3e-4,1e-3' → [1e-4, 3e-4, 1e-3]; every value must be a positive finite float."""
+    from .train import ArgumentError
+
+    if not text:
+        return []
+    grid = []
+    for item in text.split(","):
+        try:
+            lr = float(item)
+        except ValueError:
+            raise ArgumentError(f"--lr-grid: {item.strip()!r} is not a number; give e.g. 1e-4,3e-4,1e-3") from None
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ArgumentError(f"--lr-grid: learning rates must be > 0, got {item.strip()}")
+        grid.append(lr)
+    if len(set(grid)) != len(grid):
+        raise ArgumentError(f"--lr-grid lists a value twice: {text}")
+    return sorted(grid)
+
+
+def parse_seeds(text: str | None, base_seed: int = 0) -> list[int]:
+    """'3' → three seeds from the base seed on; '0,5,7' → those seeds."""
+    from .train import ArgumentError
+
+    if text is None:
+        return [base_seed]
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",")]
+        else:
+            n = int(text)
+            if n < 1:
+                raise ArgumentError(f"--seeds must be >= 1 (a count) or a comma list of seeds, got {text}")
+            seeds = list(range(base_seed, base_seed + n))
+    except ValueError:
+        raise ArgumentError(f"--seeds takes a count (3) or a comma list of seeds (0,1,2), got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ArgumentError(f"--seeds must be distinct non-negative integers, got {text}")
+    return seeds
+
+
+def select_lr(trials: dict[float, dict]) -> float:
+    """The grid value whose validation score is highest (ties: the smaller learning rate)."""
+    scored = {lr: r.get("val_accuracy") for lr, r in trials.items() if "error" not in r}
+    scored = {lr: s for lr, s in scored.items() if s is not None}
+    if not scored:
+        raise RuntimeError("no learning rate of the grid finished with a validation score")
+    return min(scored, key=lambda lr: (-scored[lr], lr))
+
+
+def aggregate(records: list[dict], seeds: list[int]) -> dict:
+    """One record for a spec from its per-seed records: the first seed's record (memory, settings), plus
+    `seeds`, `accuracy_per_seed`, `accuracy_mean` (also in `accuracy`), `accuracy_ci95` and the median step
+    time over seeds (likewise for val_accuracy and perplexity where the records have them)."""
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        return records[0]
+    out = dict(ok[0])
+    out["seeds"] = [s for s, r in zip(seeds, records) if "error" not in r]
+    for metric in ("accuracy", "val_accuracy", "perplexity"):
+        values = [r[metric] for r in ok if r.get(metric) is not None]
+        if len(values) == len(ok):
+            out[f"{metric}_per_seed"] = values
+            out[f"{metric}_mean"] = out[metric] = statistics.fmean(values)    # `accuracy`: the mean too
+            out[f"{metric}_ci95"] = ci95_half_width(values)
+    times = [r["step_time_s"] for r in ok if r.get("step_time_s")]
+    if times:
+        out["step_time_s"] = statistics.median(times)
+    failed = [s for s, r in zip(seeds, records) if "error" in r]
+    if failed:
+        out["failed_seeds"] = failed
+    return out
+
+
+def run_spec(run_one: Callable[[int, float | None, bool], dict], seeds: list[int], lr_grid: list[float]) -> dict:
+    """Run one method spec under the protocol above. `run_one(seed, lr, validate)` trains once and returns
+    its record (`validate`: hold out the validation split and report `val_accuracy`)."""
+    chosen = None
+    trials: dict[float, dict] = {}
+    if lr_grid:
+        trials = {lr: run_one(seeds[0], lr, True) for lr in lr_grid}
+        try:
+            chosen = select_lr(trials)
+        except RuntimeError as e:
+            first = next(iter(trials.values()))
+            return {**first, "error": first.get("error", str(e))}
+    records = [trials[chosen] if chosen is not None and s == seeds[0] else run_one(s, chosen, bool(lr_grid))
+               for s in seeds]
+    out = aggregate(records, seeds)
+    if lr_grid:
+        out["lr_grid"] = {f"{lr:g}": trials[lr].get("val_accuracy") for lr in lr_grid}
+        out["lr_selected"] = chosen
+    return out

@@ -2,6 +2,7 @@
 
     python benchmarks/plan_time_vs_cpu.py              # writes benchmarks/plan_time_vs_cpu.json
     python benchmarks/plan_time_vs_cpu.py --rounds 1 --rows full,lora
+    python benchmarks/plan_time_vs_cpu.py --batch-size 32 --max-length 128 --out benchmarks/step_time_minilm_b32.json
 
 Workload: MiniLM (all-MiniLM-L6-v2, bundled weights), batch 8 × 64 tokens, fp32, AdamW, eager attention,
 classification; the rows of the MiniLM table (method names only: each row's options are the plan's). The
@@ -74,8 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
+    ap.add_argument("--max-length", type=int, default=SETTINGS["max_length"])
     ap.add_argument("--measure-row", nargs=3, metavar=("SPEC", "GC", "OPTIONS"), help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
+    SETTINGS.update(batch_size=ns.batch_size, max_length=ns.max_length)
     torch.set_num_threads(1)
     if ns.measure_row:
         spec, gc, options = ns.measure_row
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
             m = planned[label]
             if m.status != "ok":
                 continue
-            proc = subprocess.run([sys.executable, __file__, "--steps", str(ns.steps), "--measure-row", spec,
+            proc = subprocess.run([sys.executable, __file__, "--steps", str(ns.steps), "--batch-size",
+                                   str(ns.batch_size), "--max-length", str(ns.max_length), "--measure-row", spec,
                                    "1" if gc else "0", json.dumps(m.options)], capture_output=True, text=True)
             if proc.returncode != 0:
                 measured[label] = {"error": proc.stderr.strip().splitlines()[-1:]}

@@ -35,7 +35,8 @@ fashion-mnist:
 	fi
 
 demo: setup
-	@$(BIN)/memtune compare --model minilm --task rotten-tomatoes --preset demo --out $(DEMO_OUT)
+	@$(BIN)/memtune compare --model minilm --task rotten-tomatoes --preset demo --out $(DEMO_OUT) --no-progress
+	@echo "memtune: every method at the README table's budget: make bench (about an hour on 2 cores)"
 
 test: setup
 	@$(BIN)/python -m pytest

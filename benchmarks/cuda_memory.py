@@ -1,4 +1,4 @@
-"""CUDA memory and time of one training step per method, at the literature's settings (anchors.md §4.2).
+"""CUDA memory and time of one training step per method, at the literature's settings (docs/methods/anchors.md §4.2).
 
 Each (shape, method) runs in a fresh process: random weights built from the architecture's config on the
 GPU (memory does not depend on the weight values), inputs padded to exactly L, AdamW, 3 warm-up steps,

@@ -1,4 +1,4 @@
-"""The LST paper's memory table (anchors.md §1), reproduced by `memtune plan`.
+"""The LST paper's memory table (docs/methods/anchors.md §1), reproduced by `memtune plan`.
 
     python benchmarks/plan_lst_table.py        # writes benchmarks/plan_lst_table.{json,md}
 
@@ -31,7 +31,7 @@ from torch import nn
 from memtune.memory.plan import PlanSettings, plan
 
 PAPER_UNIT = 2 ** 20 * 1000                 # the paper's "GB": MiB/1000
-PAPER = {                                   # method → (% params, train memory "GB"), anchors.md §1
+PAPER = {                                   # method → (% params, train memory "GB"), docs/methods/anchors.md §1
     "full": (100.0, 17.6), "adapter": (1.63, 13.0), "lora": (1.71, 12.6), "bitfit": (0.13, 10.7), "lst": (1.74, 5.5),
 }
 ROWS = [  # (row name, method spec, add biases)
@@ -111,7 +111,7 @@ EXPLAIN = {
             "with generation (frozen backbone, side network and side KV cache at the evaluation batch). "
             "Its Fisher initialisation (1024 single-example backward passes through the full model, about "
             "1.7 \"GB\") is below the training peak and not the cause."),
-    "bitfit": ("The paper's BitFit row is unverified (anchors.md §1), and HF's T5 has no bias terms: the "
+    "bitfit": ("The paper's BitFit row is unverified (docs/methods/anchors.md §1), and HF's T5 has no bias terms: the "
                "paper's code must have added some, and which ones decides the memory. With a bias on every "
                "linear layer the backward still crosses every block (input gradients need the attention "
                "maps and FFN activations), so BitFit sits just below LoRA here (0.95×); the paper's 10.7 "
@@ -165,7 +165,7 @@ def main() -> int:
     header = [
         "## LST memory table (T5-base, batch 100, length 128, fp32, AdamW, eager), planned by `memtune plan`",
         "",
-        "\"GB\" = MiB/1000, the paper's unit (anchors.md §0). Plan = one training step's live-bytes peak on the "
+        "\"GB\" = MiB/1000, the paper's unit (docs/methods/anchors.md §0). Plan = one training step's live-bytes peak on the "
         "meta device, modelling a GPU (fused dropout, foreach AdamW, cuBLAS workspace), which is what "
         "`torch.cuda.max_memory_allocated()` reports for the step. H100 = that step of memtune's implementation "
         "measured on an H100 (benchmarks/plan_vs_cuda.json). Paper = whole-run peak of the released scripts "

@@ -92,16 +92,15 @@ def test_overwrite_with_bad_input_keeps_the_old_run(finished, csv_task, capsys):
 
 # -- --out checked before training ---------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["an existing file", "a path under a file"])
-def test_out_that_cannot_be_a_folder_is_refused_before_training(where, tmp_path, csv_task, capsys):
+def test_out_that_cannot_be_a_folder_is_refused_before_training(where, tmp_path, csv_task, capsys, monkeypatch):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     out = blocker if where == "an existing file" else blocker / "run"
-    started = time.perf_counter()
+    monkeypatch.setattr("memtune.train.load_model", lambda *a, **k: pytest.fail("the model loaded before --out was checked"))
     assert main(argv(csv_task, out)) == 2
     line = error_line(capsys)
     assert f"--out {out}" in line and ("existing file" in line or "is a file" in line), line
     assert blocker.read_text() == "x"
-    assert time.perf_counter() - started < 5, "refused only after training"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")

@@ -10,7 +10,7 @@ segment. To first order, errors (d¹, d²) of a layer's (un-swapped) outputs bec
     δx² = (d² − J_G·d¹) / β,      δx¹ = (d¹ − J_F·δx²) / λ                                    (1)
 
 with J_F, J_G the Jacobians of F and G there: the coupling's amplification per layer, ≈ ‖J_F‖/λ for
-MEFT1, ‖J_G‖/β for MEFT2 and ‖J_F‖‖J_G‖/(λβ) for MEFT3 (spec §9), i.e. about 10, 10 and 100 per layer
+MEFT1, ‖J_G‖/β for MEFT2 and ‖J_F‖‖J_G‖/(λβ) for MEFT3 (docs/methods/meft.md §9), i.e. about 10, 10 and 100 per layer
 with the paper's factors, times the sub-layers' own gains (measured: ~1 for post-LN BERT, up to ~2 for a
 pre-norm Llama with small-norm inputs, which is why a fixed factor per variant is not enough).
 

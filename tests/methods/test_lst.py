@@ -1,4 +1,4 @@
-"""LST (Ladder Side-Tuning): the spec's §13 checks on tiny models, exact counts at T5 shapes on the meta
+"""LST (Ladder Side-Tuning): the checks of docs/methods/lst.md §13 on tiny models, exact counts at T5 shapes on the meta
 device, and saved-bytes ratios at T5-base encoder shapes."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MEFT (Liao et al., 2023): reversible adapters. The spec's test section (§11) on tiny models, plus the
+"""MEFT (Liao et al., 2023): reversible adapters. The checks of docs/methods/meft.md §11 on tiny models, plus the
 error control (measured reconstruction error, automatic segments) and the real MiniLM / SmolLM2 checks.
 Inversion and gradient agreement (§11.2, §11.3), held to derived bounds, are in test_meft_numerics.py."""
 import logging
@@ -54,11 +54,10 @@ def test_registry_names_defaults_and_string_options():
 
 
 # -- the backbone sub-layers ---------------------------------------------------------------------------
-@pytest.mark.parametrize("source", FAMILIES + ("mpnet",))
-def test_sublayers_compose_to_run_block_exactly(source):
-    model = hf_model("mpnet", layers=2) if source == "mpnet" else load_model(source).model
-    bb = backbone_for(model)
-    batch = bb.example_batch(2, None if bb.family == "vit" else 10)
+def test_mpnet_sublayers_compose_to_run_block_exactly():
+    # The tiny families are checked in tests/backbones; MPNet (relative position bias) has no tiny alias.
+    bb = backbone_for(hf_model("mpnet", layers=2))
+    batch = bb.example_batch(2, 10)
     for training in (False, True):   # with dropout on, the same seed must give the same masks
         bb.train(training)
         with torch.no_grad():
@@ -67,16 +66,8 @@ def test_sublayers_compose_to_run_block_exactly(source):
                 torch.manual_seed(i)
                 ref = bb.run_block(i, h, ctx)
                 torch.manual_seed(i)
-                got = bb.ffn_sublayer(i, bb.attention_sublayer(i, h, ctx), ctx)
-                assert torch.equal(got, ref), (source, i, training)
+                assert torch.equal(bb.ffn_sublayer(i, bb.attention_sublayer(i, h, ctx), ctx), ref), (i, training)
                 h = ref
-    # The hook edits the branch before the residual: a zero edit changes nothing, another one does.
-    bb.eval()
-    with torch.no_grad():
-        h, ctx = bb.embed(batch)
-        a = bb.attention_sublayer(0, h, ctx)
-        assert torch.equal(bb.ffn_sublayer(0, a, ctx, branch_hook=lambda inp, u: u + 0 * inp), bb.run_block(0, h, ctx))
-        assert not torch.allclose(bb.ffn_sublayer(0, a, ctx, branch_hook=lambda inp, u: u + 1), bb.run_block(0, h, ctx))
 
 
 # -- §11.1 wiring ------------------------------------------------------------------------------------

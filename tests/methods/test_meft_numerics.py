@@ -1,4 +1,4 @@
-"""MEFT's inverse and reversible gradients (spec §11.2, §11.3) on tiny models, held to bounds derived from
+"""MEFT's inverse and reversible gradients (docs/methods/meft.md §11.2, §11.3) on tiny models, held to bounds derived from
 the arithmetic (`meft_bounds`): the unit roundoff where F and G compute, the coupling's amplification per
 layer over the segment's depth, and a safety constant. The float64 checks run with transformers' float32
 islands removed (`meft_precision`), so the forward, the inverse and ordinary autograd all compute in float64.
@@ -53,7 +53,7 @@ def test_float32_islands_are_found_and_removed():
 
 
 def test_bounds_grow_by_the_coupling_amplification_per_layer(float64_throughout):
-    # Spec §9: an error grows by ≈ ‖J‖/λ per layer (MEFT1), ‖J‖/β (MEFT2), ‖J‖²/(λβ) (MEFT3). Post-LN BERT's
+    # docs/methods/meft.md §9: an error grows by ≈ ‖J‖/λ per layer (MEFT1), ‖J‖/β (MEFT2), ‖J‖²/(λβ) (MEFT3). Post-LN BERT's
     # sub-layers have ‖J‖ ≈ 1, so each layer down multiplies the bound by about 10, 10 and 100.
     for variant, amplification in ((1, 10.0), (2, 10.0), (3, 100.0)):
         model = wrap(load_model("tiny-bert", dtype=torch.float64), variant=variant).train()
@@ -103,7 +103,7 @@ def test_gradients_match_autograd_float64_six_layers(variant, float64_throughout
 
 @pytest.mark.parametrize("variant", [1, 2, 3])
 def test_gradients_match_autograd_float32(variant):
-    # λ = β = 1 over 6 layers, and the paper's MEFT1/2 factors over 2 layers (spec §11.3).
+    # λ = β = 1 over 6 layers, and the paper's MEFT1/2 factors over 2 layers (docs/methods/meft.md §11.3).
     model = wrap(hf_model("bert", 6), variant=variant, lam=1.0, beta=1.0, segment_layers=6).train()
     agreement_within_bound(model, batch_for(model))
     if variant != 3:

@@ -1,4 +1,4 @@
-"""QST (Quantized Side Tuning): the spec's §9 checks on the spec's tiny LLaMA (d=64, f=172, N=2, H=4, r=4)
+"""QST (Quantized Side Tuning): the checks of docs/methods/qst.md §9 on its tiny LLaMA (d=64, f=172, N=2, H=4, r=4)
 and on tiny-bert / tiny-vit, exact parameter counts at LLaMA-2 shapes on the meta device, and the CLI.
 
 The frozen backbone here is fp32 (the 4-bit backbone is a separate technique); every check is about
@@ -192,7 +192,7 @@ def llama2_on_meta(size, num_labels=None, **opts):
 
 
 def qst_formula(d, f, N, H, KV, r=16, k=16, downsample="adapter"):
-    """Spec §5: side blocks + downsamples + gates + side norm + Up (λ/α and a classifier not included)."""
+    """docs/methods/qst.md §5: side blocks + downsamples + gates + side norm + Up (λ/α and a classifier not included)."""
     ds, fs = d // r, f // r
     blocks = N * (2 * ds * ds + 2 * ds * (KV * ds // H) + 3 * ds * fs + 2 * ds)
     down = N * (k * (d + ds) + 2 * ds) if downsample == "adapter" else N * d * ds

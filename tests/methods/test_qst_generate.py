@@ -1,4 +1,4 @@
-"""QST greedy decoding (spec §9.11) on the spec's tiny LLaMA: with KV caches for the backbone and the side
+"""QST greedy decoding (docs/methods/qst.md §9.11) on the tiny LLaMA of docs/methods/qst.md §9: with KV caches for the backbone and the side
 blocks, the tokens are the argmax of the teacher-forced logits.
 
 Token comparisons are exact; they are well posed because every compared argmax wins by a margin (asserted

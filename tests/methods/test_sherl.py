@@ -354,7 +354,7 @@ def test_vit_b_saved_bytes_against_full_fine_tuning():
     ratio = sherl_bytes / full_bytes
     print(f"ViT-B saved bytes: sherl {sherl_bytes}, full {full_bytes}, ratio {ratio:.4f}; "
           f"late block {late.bytes}, frozen block {frozen.bytes}")
-    assert ratio <= 0.25, ratio                                 # spec reference ≈ 0.16 at d = 192
+    assert ratio <= 0.25, ratio                                 # docs/methods/sherl.md §9: ≈ 0.16 at d = 192
     assert abs(late.bytes - frozen.bytes) <= 0.01 * frozen.bytes
 
 
@@ -368,7 +368,7 @@ def test_mtsa_count_formula_matches_modules():
 def test_t5_base_trainable_count(r, expected, share):
     """T5-base on the meta device: 10 encoder + 9 decoder features, gated P, two side norms.
 
-    The spec's table prints 4,513,348 at r = 4, but its own formula gives 4,511,812 (the r = 8 and r = 16
+    The method description's source table prints 4,513,348 at r = 4, but its own formula gives 4,511,812 (the r = 8 and r = 16
     rows match the formula exactly; the r = 4 row is 1,536 = 2·D higher). The share is 2.02 % either way.
     """
     from transformers import T5Config, T5Model

@@ -1,4 +1,4 @@
-"""Measure a training step's memory like the papers do (anchors.md §4.2).
+"""Measure a training step's memory like the papers do (docs/methods/anchors.md §4.2).
 
     report = measure_training_memory(model, batch, optimizer, warmup=2, steps=1)
 

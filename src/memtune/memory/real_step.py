@@ -23,11 +23,11 @@ class RealStep:
         training_step(self.model, self.batch, self.optimizer)
 
 
-def _real_batch(model, settings, batch_size: int) -> dict[str, torch.Tensor]:
-    from .plan_step import make_batch
-
+def real_batch(meta_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plan's batch (`plan_step.make_batch`) with values: token ids 5, every token real, labels 0
+    (for causal LMs: the ids), seeded normal pixels."""
     out = {}
-    for k, v in make_batch(model, settings, batch_size).items():
+    for k, v in meta_batch.items():
         if v.dtype == torch.long:
             out[k] = torch.full(v.shape, {"attention_mask": 1, "token_type_ids": 0, "labels": 0}.get(k, 5))
         else:
@@ -43,7 +43,7 @@ def build_real_step(settings, method: str, options: dict) -> RealStep:
     from memtune.methods import config_for
     from memtune.models import load_model
 
-    from .plan_step import BlockCheckpointing, make_optimizer, objective_of
+    from .plan_step import BlockCheckpointing, make_batch, make_optimizer, objective_of
 
     torch.manual_seed(0)
     loaded = load_model(settings.model, attn_implementation=settings.attn)
@@ -55,7 +55,7 @@ def build_real_step(settings, method: str, options: dict) -> RealStep:
     if settings.gradient_checkpointing:
         BlockCheckpointing(model.backbone)
     optimizer = make_optimizer(model, settings)
-    return RealStep(model, optimizer, _real_batch(model, settings, settings.batch_size),
+    return RealStep(model, optimizer, real_batch(make_batch(model, settings, settings.batch_size)),
                     settings.gradient_checkpointing)
 
 

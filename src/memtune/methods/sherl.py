@@ -30,7 +30,7 @@ Choices where the description leaves room (each is tested in tests/methods/test_
   paper's tables used is unknown, so r is a field (default 4).
 - Projections P_l: `projection="auto"` picks the gated adapter (u = ReLU(W₁F), F' = (W₂u + u)⊙σ(W₃u))
   on T5 as the released T5 code, and Linear(D→d) → LayerNorm(d) (the VSE text / MDETR form, also the
-  spec's memory reference) elsewhere. U is Linear(d→D) (`restore="linear"`) or Linear → LayerNorm(eps
+  memory reference of docs/methods/sherl.md §9) elsewhere. U is Linear(d→D) (`restore="linear"`) or Linear → LayerNorm(eps
   1e-12) → Dropout(0.1) (`restore="linear-ln"`, VSE text).
 - Which early outputs are collected: all of them (embedding + every early block) except that
   `drop_every=k` skips the outputs of 0-indexed blocks i with i % k == 0. The released T5 config does

@@ -1,4 +1,4 @@
-"""Empirical diagonal Fisher importance (spec §8): I = Σ_n (∂ℓ_n/∂θ)² over single training examples.
+"""Empirical diagonal Fisher importance (docs/methods/lst.md §8): I = Σ_n (∂ℓ_n/∂θ)² over single training examples.
 
 A one-off cost at full fine-tuning memory: every backbone weight requires grad for the duration, and
 one float32 accumulator per weight is kept. Gradients are taken with `torch.autograd.grad`, so no

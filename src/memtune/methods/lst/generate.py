@@ -1,10 +1,10 @@
-"""T5 text-to-text output of LST (spec §4): LM logits through the tied embedding, and decoding.
+"""T5 text-to-text output of LST (docs/methods/lst.md §4): LM logits through the tied embedding, and decoding.
 
 Both decoders keep their own KV cache: the backbone decoder (self-attention over the generated tokens,
 cross-attention to the backbone encoder output) and the side decoder (self-attention, cross-attention
 to s_enc). Only the backbone decoder layers up to the last kept layer run, so only they have caches.
 For beam search the encoder outputs (backbone memory and s_enc) are expanded per beam, and both caches
-are reordered with the surviving beams every step (spec §12: the side state must follow the beams too).
+are reordered with the surviving beams every step (docs/methods/lst.md §12: the side state must follow the beams too).
 
 Beam search here is the plain form: no length penalty; a beam that emitted EOS is finished and can
 only continue with padding at no cost, so it keeps competing with its final score.

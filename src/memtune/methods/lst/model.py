@@ -3,7 +3,7 @@
     taps, ctx = model.backbone_taps(batch)    # no grad: the embedding output and the outputs of kept blocks
     out = model.side_forward(taps, ctx)       # B×T×d: W_up·drop(Norm_side(s)) + b_up (T5: the decoder's)
 
-Forms (spec §3, §4):
+Forms (docs/methods/lst.md §3, §4):
 - bert, vit: encoder form. Features = the backbone's own pooling of the up-projected side output
   (BERT: mean over real tokens; ViT/DINOv2: [CLS ‖ mean of patches]); the head is a new linear layer.
 - llama: the same recursion as a causal side decoder (side self-attention is causal, with its own
@@ -131,7 +131,7 @@ class LSTModel(MemtuneModel):
         self.stacks[name] = SideStack(bb.hidden_size, d_side, len(blocks), keep, side_blocks, norm,
                                       mc.dropout, mc.gate_temperature, mc.tap_storage)
 
-    # -- pruned-weight initialisation (spec §8) ----------------------------------------------------------------
+    # -- pruned-weight initialisation (docs/methods/lst.md §8) ----------------------------------------------------------------
     def init_from_importance(self, importance) -> dict:
         """Re-initialise the side blocks and final norms from the pruned backbone.
 
@@ -165,7 +165,7 @@ class LSTModel(MemtuneModel):
         return pr.records
 
     def initialize_from_fisher(self, batches, samples: int | None = None) -> int:
-        """Fisher pruning init (spec §8, the paper scripts' default).
+        """Fisher pruning init (docs/methods/lst.md §8, the paper scripts' default).
 
         `batches`: an iterable of training batches with true `labels` (any batch size: each is split
         into single examples). Runs exactly `samples` (default `fisher_samples`) single-example backward
@@ -244,7 +244,7 @@ class LSTModel(MemtuneModel):
         """T5 backbone encoder without autograd: ({"embed": e, i: h_i for i in K}, ctx with "memory")."""
         bb = self.backbone
         h, ctx = bb.embed(batch)
-        # W0 reads e itself, before the backbone's embedding dropout (spec §3: an independent draw).
+        # W0 reads e itself, before the backbone's embedding dropout (docs/methods/lst.md §3: an independent draw).
         taps = {"embed": bb.model.encoder.embed_tokens(batch["input_ids"])}
         keep = self.stacks["encoder"].keep
         for i in range(bb.num_layers):              # to the end: the backbone decoder reads the output
@@ -353,7 +353,7 @@ class LSTModel(MemtuneModel):
 
     # -- T5 text-to-text -------------------------------------------------------------------------------------------
     def lm_logits(self, o: torch.Tensor) -> torch.Tensor:
-        """T5: logits = LMHead_frozen(o·d^-1/2) through the tied input embedding (spec §4). B×Tt×V."""
+        """T5: logits = LMHead_frozen(o·d^-1/2) through the tied input embedding (docs/methods/lst.md §4). B×Tt×V."""
         from .generate import t5_lm_logits
 
         return t5_lm_logits(self, o)

@@ -1,4 +1,4 @@
-"""Pruned-weight initialisation of the side network (spec §8).
+"""Pruned-weight initialisation of the side network (docs/methods/lst.md §8).
 
 Side block i starts from backbone block i, structurally pruned in one shot:
 
@@ -13,7 +13,7 @@ Side block i starts from backbone block i, structurally pruned in one shot:
 3. The final norm takes P; T5's 32×H relative-position table is copied unpruned from backbone block 0
    into the first kept side block (H is kept).
 
-Choices (documented where the spec is silent):
+Choices (documented where the paper is silent; docs/methods/lst.md §8):
 - Rows are ranked globally over H·d_kv ("per dimension"); kept rows stay in their original order and
   are reshaped into H heads of d_kv' rows, so a side head mixes rows of several backbone heads.
 - The chain runs through every backbone block, dropped ones included (the paper prunes the whole
@@ -73,7 +73,7 @@ def _t5_plan(block) -> list:
     ff_in = (f"{ff}.wi_0", f"{ff}.wi_1") if _has(block, f"{ff}.wi_0") else (f"{ff}.wi",)
     steps = [_norm(block, "layer.0.layer_norm"),
              Group(tuple(f"layer.0.SelfAttention.{x}" for x in "qkv"), "layer.0.SelfAttention.o")]
-    if ff_index == 2:   # decoder: cross-attention in the same chain (its k/v columns too, spec §8)
+    if ff_index == 2:   # decoder: cross-attention in the same chain (its k/v columns too, docs/methods/lst.md §8)
         steps += [_norm(block, "layer.1.layer_norm"),
                   Group(tuple(f"layer.1.EncDecAttention.{x}" for x in "qkv"), "layer.1.EncDecAttention.o")]
     return steps + [_norm(block, f"layer.{ff_index}.layer_norm"), Group(ff_in, f"{ff}.wo")]

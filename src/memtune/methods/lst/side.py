@@ -1,4 +1,4 @@
-"""The side network's parts (spec §2, §3, §5): narrow blocks of the backbone's own class, ladders, gates.
+"""The side network's parts (docs/methods/lst.md §2, §3, §5): narrow blocks of the backbone's own class, ladders, gates.
 
 Widths: d' = d/r, d_ff' = d_ff/r, per-head width d_kv' = d_kv/r; the head count H is kept, so the
 side attention inner width is a = H·d_kv/r (= d' unless d ≠ H·d_kv, e.g. T5-3B: a = 512, d' = 128).
@@ -29,7 +29,7 @@ def scaled(x: int, r: int) -> int:
 def side_config(family: str, config, r: int, dropout: float, keep: tuple[int, ...], is_dinov2: bool = False,
                 attention: str = "eager", attention_dropout: float | None = None, heads: int | None = None):
     """A copy of the backbone's (stack) config with the side widths; every dropout probability the
-    block class reads is set to `dropout` (spec §2: T5 side blocks use dropout 0.1), except the attention-
+    block class reads is set to `dropout` (docs/methods/lst.md §2: T5 side blocks use dropout 0.1), except the attention-
     probability dropout: `attention_dropout` where given (T5 has a single rate). `attention` is the side
     kernel ("eager" or "sdpa"; "auto" keeps the backbone's). `heads`: the side head count (None: H);
     the per-head width then follows from the side width, d'/heads."""
@@ -112,14 +112,14 @@ def small_normal_(linear: nn.Linear) -> nn.Linear:
 
 
 class SideStack(nn.Module):
-    """One side stack (spec §3): W0, ladders W_i (i in K), gates alpha (one per backbone layer), side
+    """One side stack (docs/methods/lst.md §3): W0, ladders W_i (i in K), gates alpha (one per backbone layer), side
     blocks S_i (i in K) and the side final norm.
 
         s = W0·drop(e) + b0
         for i in K:  mu = sigmoid(alpha_i / T_g);  s = mu·s + (1 − mu)·(W_i·h_i + b_i);  s = S_i(s)
         out = drop(Norm_side(s))
 
-    Gates of dropped layers exist but are unused (spec §5: the code allocates N gates per stack, and
+    Gates of dropped layers exist but are unused (docs/methods/lst.md §5: the code allocates N gates per stack, and
     the §9 parameter count includes them).
     """
 

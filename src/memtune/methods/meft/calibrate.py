@@ -2,7 +2,7 @@
 the span into segments that keep the error within tolerance.
 
 The inverse divides by λ and β at every layer, so a rounding error grows by about ‖J‖/λ per layer
-(spec §9): ~10× per layer for λ = 0.1 in float32, which a 30-layer span cannot afford. Segments bound
+(docs/methods/meft.md §9): ~10× per layer for λ = 0.1 in float32, which a 30-layer span cannot afford. Segments bound
 the growth: each restarts from a stored, exact B×T×2d state. The measurement replays exactly what the
 backward does (same ops, same dropout masks, same precision) on a real batch.
 
@@ -16,7 +16,7 @@ restarting from an exact state is never worse than the longer one it was cut fro
 The input error is a proxy; what training needs is the gradient. So the chosen segments are checked:
 the adapter gradients of the reversible span are compared with ordinary autograd on the first rows of
 the batch (a fixed random cotangent on the span's output, the same dropout masks), and the input target
-is tightened while they exceed the tolerance (spec §9: measure the inversion error *and* the gradient
+is tightened while they exceed the tolerance (docs/methods/meft.md §9: measure the inversion error *and* the gradient
 agreement on the actual checkpoint and dtype before training). Everything runs inside a forked random
 generator, so calibrating does not change the training run's dropout masks.
 """

@@ -8,7 +8,7 @@ Streams x¹, x² (each B×T×d) enter layer n and leave as
 stored as (y², y¹) when the variant swaps (MEFT1/2), else (y¹, y²). F and G are built from the
 backbone's sub-layers (`attention_sublayer`, `ffn_sublayer`, residual and norms included) and adapters.
 
-Adapter placement (spec §4, stated for post-LN BERT; the pre-norm placement is this library's choice):
+Adapter placement (docs/methods/meft.md §4, stated for post-LN BERT; the pre-norm placement is this library's choice):
 * FFN adapter (all variants), in parallel to the FFN branch: its input is the branch's input (BERT: the
   sub-layer input a, so out = LN₂(Dropout(FFN(a)) + A(a) + a); ViT/Llama: the normalised LN₂(a)), its
   output joins the branch before the residual (DINOv2: before the layer scale, so it is scaled like the
@@ -126,7 +126,7 @@ class TwoStream:
             return self._plm_layer(n, x, ad)
         if self.variant == 2:
             return ad.rev(x)
-        # MEFT3: u = Dropout(W_o·ctx); u ← u + A_attn(u); then residual and norm (spec §4).
+        # MEFT3: u = Dropout(W_o·ctx); u ← u + A_attn(u); then residual and norm (docs/methods/meft.md §4).
         return self.backbone.attention_sublayer(n, x, self.ctx, branch_hook=lambda inp, u: u + ad.attn(u))
 
     def _G(self, n, y):
@@ -181,7 +181,7 @@ class TwoStream:
         return x1, x2
 
     def backward_layer(self, n, o1, o2, go1, go2, rng):
-        """Inverse and vector-Jacobian product of layer n (spec §6, steps 1–5).
+        """Inverse and vector-Jacobian product of layer n (docs/methods/meft.md §6, steps 1–5).
 
         o1, o2: its stored output pair; go1, go2: ∂L/∂(o1, o2). Returns the input pair, ∂L/∂(input pair)
         and the gradients of (params_F + params_G). Only one sub-network's graph is alive at a time.

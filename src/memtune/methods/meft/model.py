@@ -62,7 +62,7 @@ class MEFTModel(MemtuneModel):
 
         self.readout_mode = config.readout if config.readout != "auto" else (
             "plm" if self.objective == "causal-lm" else "mean")
-        # Which stored stream carries the PLM's hidden state (spec §3): MEFT2 the first, MEFT1/3 the second.
+        # Which stored stream carries the PLM's hidden state (docs/methods/meft.md §3): MEFT2 the first, MEFT1/3 the second.
         self.plm_stream = 0 if config.variant == 2 else 1
         if self.readout_mode == "plm":
             # h = stream_PLM + s·stream_other, s = 0 at init (RevLLaMA's read-out; the paper's OPT read-out is

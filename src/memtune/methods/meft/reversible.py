@@ -1,4 +1,4 @@
-"""The reversible autograd Function over a span of MEFT layers (spec §6).
+"""The reversible autograd Function over a span of MEFT layers (docs/methods/meft.md §6).
 
 Forward runs the span without a graph and saves only its top output (B×T×2d); backward walks the
 layers from the top, recomputing each layer's inputs from its outputs and replaying the dropout masks

@@ -1,4 +1,4 @@
-"""Greedy decoding for QST on Llama-like causal LMs (spec §3 "Inference", §9.11).
+"""Greedy decoding for QST on Llama-like causal LMs (docs/methods/qst.md §3 "Inference", §9.11).
 
 Both networks keep a KV cache: the frozen backbone's blocks and the side blocks (the side one is 1/r of the
 backbone's: d' = d/r keys and values per token). One step, for the new tokens x (B×L, L = the prompt length

@@ -8,7 +8,7 @@
     with no_grad: h_N = finish(h)                              # the backbone's final norm (BERT: none)
     o = mix(h_N, Up(Norm_side(s)))                             # B×T×d, o = h_N at init in paper form
 
-Heads (spec §3):
+Heads (docs/methods/qst.md §3):
 - llama, causal LM: logits = LMHead(o), the frozen LM head run with autograd (∂L/∂o is needed).
 - llama, classification: the last real token of o (right padding) → Score, a trainable d×C linear
   map without bias (the AutoModelForSequenceClassification head).
@@ -30,7 +30,7 @@ Paper form at the start: α = 1, so ∂o/∂u = 1 − α = 0 and the first step'
 every gradient from the first step.
 
 The side blocks are the backbone's own block class, built from the narrowed config with PyTorch's
-default init (spec §4: no HF init, no pruning). BERT-like blocks are post-LN (each ends in a
+default init (docs/methods/qst.md §4: no HF init, no pruning). BERT-like blocks are post-LN (each ends in a
 LayerNorm) and the backbone has no final norm, so the side final norm is the identity there.
 """
 from __future__ import annotations

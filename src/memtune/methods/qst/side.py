@@ -1,4 +1,4 @@
-"""QST's side network (spec §2-§4): widths, the narrowed block config, and the trainable parts.
+"""QST's side network (docs/methods/qst.md §2-§4): widths, the narrowed block config, and the trainable parts.
 
 Widths: d' = d/r, FFN ⌊d_ff/r⌋, H and KV heads kept, so the side head width is d/(rH). Unlike LST's
 nearest-width rounding, QST needs d' exactly d/r (the pooling downsample maps r channels to one), so
@@ -64,7 +64,7 @@ def resolve_r(family: str, config, r: int | None, heads: int | None = None) -> t
 
 def side_config(family: str, config, r: int, attention: str = "auto", is_dinov2: bool = False,
                 attention_dropout: float | None = None, heads: int | None = None):
-    """A copy of the backbone config with the side widths (spec §2). Heads (unless `heads` is given), KV
+    """A copy of the backbone config with the side widths (docs/methods/qst.md §2). Heads (unless `heads` is given), KV
     heads, rotary base, norm eps and the hidden dropout are the backbone's; `attention` other than "auto"
     sets the kernel and `attention_dropout` (None: the backbone's) the attention-probability dropout."""
     c = copy.deepcopy(config)
@@ -123,7 +123,7 @@ class SideNetwork(nn.Module):
 
 
 class OutputMix(nn.Module):
-    """o from h_N (B×T×d) and u (B×T×d) with a trained d-vector `weight` (spec §3, §4).
+    """o from h_N (B×T×d) and u (B×T×d) with a trained d-vector `weight` (docs/methods/qst.md §3, §4).
 
     paper:   o = α⊙h_N + (1−α)⊙u,        α starts at 1 (o = h_N exactly)
     sigmoid: o = σ(λ)⊙h_N + (1−σ(λ))⊙u,  λ starts at lambda_init (LLaMA orientation of the code)

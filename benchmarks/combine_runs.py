@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--order", required=True, help="the rows, comma-separated, in table order (method specs)")
+    ap.add_argument("--git-commit", default=None, help="the code the rows ran, where their records name none")
     ns = ap.parse_args(argv)
     specs = parse_specs(split_specs(ns.order))
     label_of = {s.run_name: s for s in specs}
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shared[0].items()
                      if v is not None and k in ("model", "task", "batch_size", "max_length", "train_limit", "test_limit",
                                                 "epochs", "memory_batch_size", "memory_max_length"))
-    summary = {"records": records, "versions": versions(), "git_commit": records[0].get("git_commit") or git_commit(),
+    summary = {"records": records, "versions": versions(), "git_commit": records[0].get("git_commit") or ns.git_commit or git_commit(),
                "machine": machine(), "missing_rows": missing,
                "command": f"memtune compare {flags} --methods {ns.order} (rows from {len(ns.runs)} runs)"}
     write_json(out / "results.json", summary)

@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--order", required=True, help="the rows, comma-separated, in table order (method specs)")
     ap.add_argument("--git-commit", default=None, help="the code the rows ran, where their records name none")
+    ap.add_argument("--times", default=None,
+                    help="a benchmarks/plan_time_vs_cpu.py JSON: its measured step times replace the rows' wall times "
+                         "(taken while other jobs shared the cores); rows it did not measure get none")
     ns = ap.parse_args(argv)
     specs = parse_specs(split_specs(ns.order))
     label_of = {s.run_name: s for s in specs}
@@ -53,6 +56,20 @@ def main(argv=None) -> int:
         print("combine_runs: the rows were trained with different settings; refusing to put them in one table",
               file=sys.stderr)
         return 2
+    time_source = "wall time of the training steps"
+    if ns.times:
+        d = json.loads(Path(ns.times).read_text())
+        measured = {r["row"]: r["measured_step_time_s"] for r in d["rows"] if "measured_step_time_s" in r}
+        w = d["workload"]
+        time_source = (f"CPU time of one thread, batch {w['batch_size']} × {w['max_length']}, {w['attn']} attention "
+                       f"({Path(ns.times).name})")
+        for r, spec in zip(records, [s for s in specs if s.label in found]):
+            r["train_step_time_s"] = r.get("step_time_s")
+            r["step_time_s"] = measured.get(r["label"])
+            if r["step_time_s"] is None and set(spec.options) == {"tap_storage"} and not spec.techniques:
+                # Tap storage changes what is saved, not the FLOPs: the bare method's time serves (noted).
+                r["step_time_s"] = measured.get(spec.method)
+                r["step_time_borrowed_from"] = spec.method if r["step_time_s"] is not None else None
     add_ratios(records)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +77,7 @@ def main(argv=None) -> int:
                      if v is not None and k in ("model", "task", "batch_size", "max_length", "train_limit", "test_limit",
                                                 "epochs", "memory_batch_size", "memory_max_length"))
     summary = {"records": records, "versions": versions(), "git_commit": records[0].get("git_commit") or ns.git_commit or git_commit(),
-               "machine": machine(), "missing_rows": missing,
+               "machine": machine(), "missing_rows": missing, "step_time_source": time_source,
                "command": f"memtune compare {flags} --methods {ns.order} (rows from {len(ns.runs)} runs)"}
     write_json(out / "results.json", summary)
     write_text(out / "results.md", settings_line(records) + "\n\n" + markdown_table(records) + "\n")

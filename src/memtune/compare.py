@@ -133,6 +133,10 @@ def settings_line(records: list[dict]) -> str:
             f"{ok.get('memory', {}).get('device', '?')}")
 
 
+def _fmt_time(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
 def _fmt_ratio(x):
     return "" if x is None else f" ({x:.2f}×)"
 
@@ -162,5 +166,5 @@ def markdown_table(records: list[dict]) -> str:
             f"| {r['label']} | {r['trainable_params']:,} ({r['trainable_pct']:.2f} %) | "
             f"{r['peak_bytes'] / GIB:.3f}{_fmt_ratio(r['peak_ratio_vs_full'])} | "
             f"{r['activation_peak_bytes'] / GIB:.3f}{_fmt_ratio(r['activation_ratio_vs_full'])} | "
-            f"{r['step_time_s']:.3f}{_fmt_ratio(r['step_time_ratio_vs_full'])} | {score} |")
+            f"{_fmt_time(r.get('step_time_s'))}{_fmt_ratio(r['step_time_ratio_vs_full'])} | {score} |")
     return "\n".join(rows)

@@ -15,21 +15,11 @@ import pytest
 from memtune.cli import main
 from memtune.run_folder import LOCK_NAME
 
-from .test_faults import error_line
-
-
-@pytest.fixture
-def csv_task(tmp_path):
-    p = tmp_path / "task.csv"
-    rows = [f"{'good great fine' if i % 2 else 'bad awful poor'} movie {i},{i % 2}" for i in range(40)]
-    p.write_text("text,label\n" + "\n".join(rows) + "\n")
-    return p
+from .test_faults import csv_task, error_line, train_argv  # noqa: F401  (csv_task: the shared fixture)
 
 
 def argv(csv, out, steps=4, *extra):
-    return ["train", "--model", "tiny-bert", "--task", f"csv:{csv}", "--method", "lora", "--max-steps", str(steps),
-            "--batch-size", "4", "--max-length", "32", "--test-limit", "8", "--checkpoint-every", "2", "--seed", "1",
-            "--no-progress", "--out", str(out), *extra]
+    return train_argv(csv, out, steps, *extra)
 
 
 def all_digests(folder: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ classification; the rows of the MiniLM table (method names only: each row's opti
 plan models this CPU (`device="cpu"`) with the calibrated CPU profile (`memtune.memory.devices`), and each
 row's real step is timed in its own process (a fresh heap and allocator per method): 2 warm-up steps, then
 the fastest of 5 timed steps, and the fastest over `--rounds` rounds of all rows run in turn. One torch
-thread everywhere, timed in CPU time of the process (`devices.step_clock`): the machine may be shared, and
+thread everywhere, timed in CPU time of the process (`real_step.step_clock`): the machine may be shared, and
 neither another process's time slices nor a two-thread kernel waiting for its descheduled second thread is
 the method's cost.
 

@@ -24,8 +24,11 @@ from torch import nn
 
 from memtune.memory.known_configs import resolve_config
 from memtune.memory.measure import measure_training_memory
-from memtune.memory.plan import (BlockCheckpointing, PlanSettings, make_batch, make_optimizer, objective_of,
-                                 parse_method_specs, plan)
+from memtune.memory.plan import PlanSettings, plan
+from memtune.memory.plan_step import build_planned_model, make_batch, make_optimizer
+from memtune.memory.real_step import real_batch
+from memtune.spec import parse_specs
+from memtune.techniques.checkpointing import BlockCheckpointing
 
 CASES = [
     # (model, settings overrides, methods)
@@ -50,40 +53,11 @@ def add_biases(hf) -> None:
             m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
 
 
-def real_batch(meta_batch, device):
-    out = {}
-    for k, v in meta_batch.items():
-        if v.dtype == torch.long:
-            fill = {"attention_mask": 1, "token_type_ids": 0, "labels": 0}.get(k, 5)
-            out[k] = torch.full(v.shape, fill, dtype=torch.long, device=device)
-        else:
-            out[k] = torch.randn(v.shape, device=device).to(v.dtype)
-    if "labels" in out and out["labels"].dim() == 2:
-        out["labels"] = out["input_ids"].clone()
-    return out
-
-
 def measure_cuda(config, settings: PlanSettings, method: str, options: dict, prepare=None) -> dict:
-    import memtune
-    from memtune.methods import config_for
-    from memtune.models import drop_unused_parts, model_class_for
-
     device = torch.device("cuda")
     gc.collect()
     torch.cuda.empty_cache()
-    config = __import__("copy").deepcopy(config)
-    config._attn_implementation = settings.attn
-    cls = model_class_for(config)
-    with torch.device(device):
-        hf = cls.from_config(config, dtype=torch.float32) if hasattr(cls, "from_config") else cls(config)
-        drop_unused_parts(hf)
-        if prepare is not None:
-            prepare(hf)
-        nl = None if objective_of(config, settings) == "causal-lm" else settings.num_labels
-        model = memtune.wrap(hf, config_for(method, options), num_labels=nl)
-    if settings.precision == "bf16":
-        model.to(torch.bfloat16)
-    model.train()
+    model, _ = build_planned_model(config, settings, method, options, prepare, device=device)
     if settings.gradient_checkpointing:
         BlockCheckpointing(model.backbone)
     batch = real_batch(make_batch(model, settings, settings.batch_size), device)
@@ -94,7 +68,7 @@ def measure_cuda(config, settings: PlanSettings, method: str, options: dict, pre
     r = measure_training_memory(model, batch, opt, warmup=2, steps=1, autocast=autocast)
     # Wrapped models can sit in reference cycles (forward-hook closures): drop every name, then collect,
     # so the next case does not start with this one's weights still allocated.
-    del model, opt, batch, hf
+    del model, opt, batch
     gc.collect()
     torch.cuda.empty_cache()
     return {"peak_bytes": r.peak_bytes, "start_bytes": r.start_bytes, "activation_peak_bytes": r.activation_peak_bytes,
@@ -188,7 +162,7 @@ def main(argv=None) -> int:
         config, _ = resolve_config(model)
         t0 = time.perf_counter()
         result = plan(settings, methods, prepare=prepare)
-        for spec, mp in zip(parse_method_specs(methods), result.methods):
+        for spec, mp in zip(parse_specs(methods), result.methods):
             label, method = spec.label, spec.method
             if mp.status != "ok":
                 print(f"{model:13s} {label:20s} unsupported: {mp.message}")

@@ -137,7 +137,7 @@ GRAPH_FREE: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
     "LSTModel": _lst,
     # qst.md §1, §3: every backbone block under no_grad, interleaved with the side network.
     "QSTModel": lambda m: list(m.backbone.blocks),
-    # The linear probe: the frozen backbone without a graph (baselines.py), T5's decoder included.
+    # The linear probe: the frozen backbone without a graph (methods/baselines/), T5's decoder included.
     "LinearProbeModel": lambda m: all_blocks(m),
     # dtl.md §1, §3: the embedding and blocks 0..s₀ run under no_grad.
     "DTLModel": lambda m: list(m.backbone.blocks[:m.s0 + 1]),

@@ -22,7 +22,7 @@ WORLD = 2
 BATCH = 8                    # 4 examples per process
 LENGTH = 12
 # Every method that supports the BERT family (all of them today); at least lora, lst, dtl and meft1.
-METHODS = sorted(name for name, cls in memtune.METHODS.items() if not cls.families or "bert" in cls.families)
+METHODS = sorted(name for name, cls in memtune.METHODS.items() if "bert" in cls.supported_families())
 REQUIRED = ("lora", "lst", "dtl", "meft1")
 
 

@@ -318,7 +318,7 @@ def test_resume_refuses_a_checkpoint_with_a_damaged_optimizer_file(tmp_path, csv
 # -- a side-network method on a family it does not support --------------------------------------------
 @pytest.mark.parametrize("method", ["dtl", "dtl+", "meft1", "meft2", "meft3"])
 def test_unsupported_family_names_the_supported_ones(method):
-    families = memtune.METHODS[method].families
+    families = memtune.METHODS[method].supported_families()
     assert "t5" not in families
     with pytest.raises(ConfigError) as e:
         memtune.wrap(memtune.load_model("tiny-t5"), method, num_labels=2)

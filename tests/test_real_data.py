@@ -1,6 +1,4 @@
 """Real weights and real data: pretrained MiniLM + LoRA beats the same architecture with random weights."""
-import pytest
-
 from memtune.train import TrainArgs, train
 
 from .conftest import requires_minilm, requires_rotten_tomatoes

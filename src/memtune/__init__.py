@@ -1,5 +1,5 @@
 """memtune: fine-tune pretrained transformers within a memory budget."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .api import load, wrap  # noqa: E402
 from .methods import METHODS, ConfigError, MemtuneModel, MethodConfig  # noqa: E402

@@ -32,16 +32,6 @@ import torch
 
 MERGEABLE = ("lora", "ia3", "bitfit", "full", "linear")
 HEAD_WEIGHTS, HEAD_CONFIG = "memtune_head.safetensors", "memtune_head.json"
-POOLING = {"vit": "cls_and_mean: [h[:, 0] ; mean(h[:, 1:])] (B×2d)",
-           "default": "mean over tokens where attention_mask is 1 (B×d)"}
-
-
-def add_merge_parser(sub) -> None:
-    p = sub.add_parser("merge", help="fold a lora/ia3/bitfit/full/linear adapter into a standalone "
-                                     "transformers checkpoint")
-    p.add_argument("--model", required=True, help="the base model the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
-    p.add_argument("--out", required=True, help="folder to write the merged checkpoint into (must be empty or new)")
 
 
 def why_not_mergeable(method: str) -> str | None:
@@ -127,9 +117,9 @@ def _save_head(model, out: Path) -> None:
 
     save_file({"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()},
               str(out / HEAD_WEIGHTS))
-    family = model.backbone.family
+    bb = model.backbone
     (out / HEAD_CONFIG).write_text(json.dumps({
-        "pooling": POOLING.get(family, POOLING["default"]), "family": family,
+        "pooling": bb.pooling, "family": bb.family,
         "num_labels": model.num_labels, "id2label": {str(k): v for k, v in (model.id2label or {}).items()},
         "logits": "pool(AutoModel(OUT)(**inputs).last_hidden_state) @ weight.T + bias",
     }, indent=2) + "\n")

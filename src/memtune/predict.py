@@ -17,27 +17,12 @@ from pathlib import Path
 BATCH = 32
 
 
-def add_predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="class names and probabilities of a saved adapter on new inputs")
-    p.add_argument("--model", required=True, help="the base model the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
-    p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
-    p.add_argument("--image", action="append", default=[], help="an image file to classify (repeatable)")
-    p.add_argument("--file", default=None, help="one input per line (texts, or image paths for an image adapter), "
-                                                "or a .csv/.jsonl file with a text column")
-    p.add_argument("--text-column", default="text", help="column of --file .csv/.jsonl holding the text")
-    p.add_argument("--json", action="store_true", help="one JSON object per input")
-
-
 def read_inputs(path: Path, text_column: str) -> list[str]:
+    """The inputs of --file: the text column of a .csv / .jsonl file, else one input per non-blank line."""
     from .data import TaskError
+    from .data.user_files import json_objects, read_utf8
 
-    if not path.is_file():
-        raise TaskError(f"--file {path}: no such file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TaskError(f"--file {path} is not valid UTF-8 ({e})") from None
+    raw = read_utf8(path, "input")
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(raw.splitlines()))
         if rows and text_column not in rows[0]:
@@ -46,14 +31,8 @@ def read_inputs(path: Path, text_column: str) -> list[str]:
         return [r[text_column] for r in rows]
     if path.suffix.lower() == ".jsonl":
         texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"--file {path}: line {n} is not JSON ({e})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
+        for n, obj in json_objects(raw, path, f'{{"{text_column}": "..."}}'):
+            if not isinstance(obj.get(text_column), str):
                 raise TaskError(f"--file {path}: line {n} has no string field {text_column!r}")
             texts.append(obj[text_column])
         return texts

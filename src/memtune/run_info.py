@@ -14,7 +14,7 @@ def versions() -> dict[str, str]:
     import safetensors
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {"memtune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__, "safetensors": safetensors.__version__,

@@ -31,8 +31,10 @@ from .progress import Progress
 from .resume import finished_run_metrics, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .run_folder import RunFolder, check_run_folder, main_rank
 from .run_info import git_commit, machine, versions
+from .techniques.quantize import QUANTIZE_KINDS
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+OBJECTIVES = ("classification", "causal-lm")                   # causal-lm: decoders
 
 
 class TrainingError(RuntimeError):
@@ -45,8 +47,10 @@ class ArgumentError(ValueError):
 
 @dataclass
 class TrainArgs:
-    model: str
-    task: str
+    # Each field's metadata (help, choices) is its command-line flag (`memtune.cli.fields`).
+    model: str = field(metadata={"help": "bundled alias (minilm, dinov2-s, tiny-bert, ...), folder or hub id"})
+    task: str = field(metadata={"help": "rotten-tomatoes, fashion-mnist, digits, mnist-5k, drug-reviews, csv:PATH, "
+                                        "jsonl:PATH or an image folder"})
     method: str = "lora"
     options: dict = field(default_factory=dict)       # method options, e.g. {"r": "16"}
     out: str = "runs/memtune"
@@ -54,33 +58,39 @@ class TrainArgs:
     max_steps: int | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
-    lr: float | None = None                            # None: the method's default
+    lr: float | None = field(default=None, metadata={"help": "default: the method's own"})
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     grad_clip: float = 1.0
     max_length: int = 128
     image_size: int | None = None
     seed: int = 0
-    precision: str = "fp32"
-    objective: str = "classification"                  # or "causal-lm" (decoders)
+    precision: str = field(default="fp32", metadata={"choices": tuple(PRECISIONS)})
+    objective: str = field(default="classification", metadata={"choices": OBJECTIVES})
     train_limit: int | None = None
     test_limit: int | None = None
     text_column: str = "text"
     label_column: str = "label"
-    checkpoint_every: int | None = None
-    resume: str | None = None
-    measure_memory: bool = False
-    eval_before: bool = False                          # also evaluate the untrained start (metrics "before")
-    memory_batch_size: int | None = None               # memory run's batch (default: batch_size)
-    memory_max_length: int | None = None               # memory run's padded length (default: max_length)
-    progress: bool = True
+    checkpoint_every: int | None = field(default=None, metadata={"help": "write an atomic checkpoint every N steps"})
+    resume: str | None = field(default=None, metadata={"help": "continue from a run folder or checkpoint"})
+    measure_memory: bool = field(default=False, metadata={"help": "measure one step's peak memory first"})
+    eval_before: bool = field(default=False, metadata={"help": "also evaluate the model before training"})
+    memory_batch_size: int | None = field(default=None, metadata={
+        "help": "batch of the memory run (default: --batch-size)"})
+    memory_max_length: int | None = field(default=None, metadata={
+        "help": "padded length of the memory run (default: --max-length)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bars (logs, CI)"})
     # Memory techniques orthogonal to the method (`memtune.techniques`): gc, nf4 / fp4 / int8, offload.
-    gradient_checkpointing: bool = False
-    quantize: str | None = None                        # frozen base weights: nf4, fp4 or int8 (bitsandbytes)
-    offload_activations: bool = False                  # saved activations in pinned CPU memory (CUDA only)
-
-    overwrite: bool = False                            # a fresh run may replace the run already in `out`
-    val_fraction: float = 0.0                          # > 0: hold out this share of train for selection
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the backbone blocks that the backward pass crosses (+gc)"})
+    quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_KINDS, "help": "frozen base weights in "
+                                 "4 or 8 bits through bitsandbytes (+nf4, +fp4, +int8)"})
+    offload_activations: bool = field(default=False, metadata={
+        "help": "keep saved activations in pinned CPU memory during the step (CUDA only; +offload)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the run already in --out (its checkpoints, adapter and metrics are removed)"})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "hold out this share of the training data as a validation split (reported as val_*)"})
 
     def techniques(self):
         from .techniques import MemoryTechniques
@@ -101,13 +111,12 @@ class TrainArgs:
         need(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        need(self.objective in ("classification", "causal-lm"),
+        need(self.objective in OBJECTIVES,
              f"--objective must be classification or causal-lm, got {self.objective!r}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1,
              f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        need(self.quantize in (None, "nf4", "fp4", "int8"),
-             f"--quantize must be nf4, fp4 or int8, got {self.quantize!r}")
+        need(self.quantize in (None, *QUANTIZE_KINDS), f"--quantize must be nf4, fp4 or int8, got {self.quantize!r}")
         if self.precision == "fp16" and not torch.cuda.is_available():
             raise ArgumentError("--precision fp16 needs a CUDA GPU (CPU autocast supports bf16); use bf16 or fp32")
 
@@ -217,7 +226,7 @@ def measure_memory(args: TrainArgs) -> dict:
 
 
 def make_optimizer(model, args: TrainArgs):
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = model.parameter_groups()
     lr = args.lr or model.method_config.lr_for(model.backbone.family)
     return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
 

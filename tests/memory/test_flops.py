@@ -9,9 +9,10 @@ from torch import nn
 from memtune.cli import main as cli_main
 from memtune.memory import devices
 from memtune.memory.devices import Curve, DeviceProfile, get_profile
-from memtune.memory.flops import StepCost, count_planned_step, counting, interpolate
-from memtune.memory.plan import PlanSettings, build_meta_model, make_batch, make_optimizer, plan
-from memtune.memory.plan_step import planning_context, warm_up
+from memtune.memory.flops import StepCost, counting, interpolate
+from memtune.memory.plan import PlanSettings, plan
+from memtune.memory.plan_step import (build_planned_model, count_planned_step, make_batch, make_optimizer,
+                                      planning_context, warm_up)
 from memtune.memory.known_configs import resolve_config
 from memtune.methods import ConfigError
 
@@ -76,7 +77,7 @@ def _counted(method, batch):
     settings = PlanSettings(**SETTINGS)
     config, _ = resolve_config("tiny-bert")
     with planning_context():
-        model, _ = build_meta_model(config, settings, method, {})
+        model, _ = build_planned_model(config, settings, method, {})
         opt = make_optimizer(model, settings)
         warm_up(model, opt, make_batch(model, settings, batch), settings)
         return count_planned_step(model, opt, make_batch(model, settings, batch), settings)

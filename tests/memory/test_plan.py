@@ -12,15 +12,14 @@ import textwrap
 import pytest
 import torch
 
-import memtune
 from memtune.cli import main as cli_main
 from memtune.memory.known_configs import known_models, resolve_config
 from memtune.memory.measure import measure_training_memory
-from memtune.memory.real_step import real_batch
-from memtune.memory.plan import (BlockCheckpointing, PlanSettings, build_meta_model, make_batch, make_optimizer,
-                                 objective_of, plan)
-from memtune.methods import METHODS, ConfigError, config_for
-from memtune.models import ModelError, load_model
+from memtune.memory.plan import PlanSettings, plan
+from memtune.memory.plan_step import build_planned_model
+from memtune.memory.real_step import build_real_step
+from memtune.methods import METHODS, ConfigError
+from memtune.models import ModelError, model_from_config
 
 from ..conftest import requires_minilm
 
@@ -30,19 +29,9 @@ TOLERANCE = 0.05            # the issue's bound; the plans below agree to the by
 
 def measure_real(settings, mp):
     """The same step on the real tiny model (or bundled weights), measured by `memtune.memory`."""
-    torch.manual_seed(0)
-    loaded = load_model(settings.model)
-    loaded.model.config._attn_implementation = settings.attn
-    num_labels = None if objective_of(loaded.model.config, settings) == "causal-lm" else settings.num_labels
-    model = memtune.wrap(loaded, config_for(mp.method, mp.options), num_labels=num_labels)
-    if settings.precision == "bf16":
-        model.to(torch.bfloat16)
-    model.train()
-    if settings.gradient_checkpointing:
-        BlockCheckpointing(model.backbone)
-    batch = real_batch(make_batch(model, settings, settings.batch_size))
+    step = build_real_step(settings, mp.method, mp.options)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if settings.precision.endswith("-amp") else None
-    return measure_training_memory(model, batch, make_optimizer(model, settings), warmup=2, autocast=autocast)
+    return measure_training_memory(step.model, step.batch, step.optimizer, warmup=2, autocast=autocast)
 
 
 def assert_agrees(settings, methods):
@@ -149,7 +138,7 @@ def test_depth_extrapolation_agrees_with_a_full_plan_on_a_mid_size_config():
 # -- no weights, speed ------------------------------------------------------------------------------------------
 def test_meta_model_holds_no_storage():
     config, _ = resolve_config("t5-large")
-    model, pretrained = build_meta_model(config, PlanSettings(model="t5-large"), "lora", {})
+    model, pretrained = build_planned_model(config, PlanSettings(model="t5-large"), "lora", {})
     assert pretrained > 700_000_000
     assert all(p.device.type == "meta" for p in model.parameters())
 
@@ -176,15 +165,29 @@ def test_every_known_config_builds_with_the_expected_size():
     for name in known_models():
         config, source = resolve_config(name)
         if name in sizes:
-            from memtune.models import model_class_for
-            cls = model_class_for(config)
             with torch.device("meta"):
-                hf = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+                hf = model_from_config(config)
             n = sum(p.numel() for p in hf.parameters())
             assert abs(n / sizes[name] - 1) < 0.01, (name, n)
     for required in ("t5-base", "t5-large", "t5-3b", "bert-base", "bert-large", "roberta-large", "vit-b16", "vit-l16",
                      "llama-7b", "llama-3-8b", "minilm", "mpnet-base", "dinov2-s", "smollm2-135m", "tiny-bert"):
         assert required in known_models()
+
+
+def test_every_family_answers_the_planner_from_its_config_alone():
+    from transformers import GPT2Config
+
+    from memtune.backbones import UnsupportedModel, family_class
+
+    for name in known_models():
+        config, _ = resolve_config(name)
+        family = family_class(config)                   # the class: no model is built
+        assert family.depth(config) >= 1 and set(family.size_fields(config.model_type)) <= set(config.to_dict())
+        batch = family.planning_batch(config, 2, 8)
+        assert set(batch) <= set(family.input_keys) and all(t.device.type == "meta" for t in batch.values())
+        assert family.modality == ("image" if "pixel_values" in batch else "text")
+    with pytest.raises(UnsupportedModel, match="model type 'gpt2' is not supported; supported model types: bert"):
+        family_class(GPT2Config())
 
 
 def test_a_local_config_json_works(tmp_path):
@@ -260,6 +263,6 @@ def test_cli_table_and_json(capsys, tmp_path):
 @pytest.mark.parametrize("text,expected", [("16GiB", 16 * 2 ** 30), ("24", 24 * 2 ** 30), ("16000MiB", 16000 * 2 ** 20),
                                            ("40GB", 40 * 10 ** 9), (" 1.5 gib ", int(1.5 * 2 ** 30))])
 def test_budget_units(text, expected):
-    from memtune.plan_cli import parse_budget
+    from memtune.cli.plan import parse_budget
 
     assert parse_budget(text) == expected

@@ -9,12 +9,14 @@ import torch
 
 import memtune
 from memtune.memory.measure import measure_training_memory
-from memtune.memory.plan import PlanSettings, make_batch, make_optimizer, plan
+from memtune.memory.plan import PlanSettings, plan
+from memtune.memory.plan_step import make_batch, make_optimizer
+from memtune.memory.real_step import real_batch
 from memtune.methods import ConfigError, config_for
 from memtune.models import load_model
 from memtune.techniques.quantize_meta import quantized_weight_bytes
 
-from .test_plan import TOLERANCE, real_batch
+from .test_plan import TOLERANCE
 
 B, L = 2, 32
 

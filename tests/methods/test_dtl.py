@@ -10,6 +10,8 @@ from memtune.memory.saved import count_saved_inside, saved_bytes
 from memtune.methods import ConfigError, config_for
 from memtune.methods.dtl import DTLConfig, DTLPlusConfig, TrunkCacheError, default_add_blocks, swish
 
+from .side_helpers import train_epochs
+
 
 
 def wrap(name, method="dtl", num_labels=3, seed=0, **opts):
@@ -362,25 +364,12 @@ def test_saved_bytes_vit_b():
 def train_losses(name, epochs=2, **opts):
     """Two epochs over fixed batches (fixed order); returns every step's loss."""
     m = wrap(name, "dtl+", **opts).train()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     batches = []
     for k in range(3):
         b = batch_for(name, seed=10 + k)
         b["example_id"] = torch.arange(len(b["labels"])) + 100 * k
         batches.append(b)
-    calls = []
-    m.backbone.blocks[0].register_forward_hook(lambda *a: calls.append(1))
-    losses, calls_per_epoch = [], []
-    torch.manual_seed(123)                          # dropout in the blocks after s0
-    for _ in range(epochs):
-        before = len(calls)
-        for b in batches:
-            loss = m(**b).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        calls_per_epoch.append(len(calls) - before)
+    losses, calls_per_epoch = train_epochs(m, [batches] * epochs)
     return losses, calls_per_epoch, m
 
 

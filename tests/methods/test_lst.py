@@ -12,9 +12,11 @@ from memtune.methods import ConfigError, config_for
 from memtune.methods.lst import LSTConfig, LSTModel
 from memtune.methods.lst import model as lst_model_module
 
+from .side_helpers import batch_for
+
 FAMILIES = [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-dinov2", 3), ("tiny-t5", 3), ("tiny-llama", 3),
-            ("tiny-llama", None)]
-IDS = ["bert", "vit", "dinov2", "t5", "llama-cls", "llama-lm"]
+            ("tiny-llama", None), ("tiny-opt", 3), ("tiny-opt", None)]
+IDS = ["bert", "vit", "dinov2", "t5", "llama-cls", "llama-lm", "opt-cls", "opt-lm"]
 T5_BASE = dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12, vocab_size=32128)
 T5_BASE_K = (1, 2, 3, 5, 6, 7, 9, 10, 11)
 
@@ -23,24 +25,6 @@ T5_BASE_K = (1, 2, 3, 5, 6, 7, 9, 10, 11)
 def wrap(name, num_labels=3, seed=0, **opts):
     torch.manual_seed(seed)
     return memtune.wrap(memtune.load_model(name), config_for("lst", opts), num_labels=num_labels)
-
-
-def batch_for(model, b=3, t=9, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    if model.backbone.family == "vit":
-        batch = {"pixel_values": torch.randn(b, 3, 32, 32, generator=g)}
-    else:
-        ids = torch.randint(5, 60, (b, t), generator=g)
-        mask = torch.ones_like(ids)
-        mask[0, t - 3:] = 0                                    # one padded example
-        batch = {"input_ids": ids * mask, "attention_mask": mask}
-        if model.backbone.family == "t5":
-            batch["decoder_input_ids"] = torch.randint(5, 60, (b, 4), generator=g)
-    if model.objective == "causal-lm":
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    else:
-        batch["labels"] = torch.arange(b) % model.num_labels
-    return batch
 
 
 def backbone_blocks(model):
@@ -158,7 +142,7 @@ def test_saved_bytes_ratio_at_t5_base_encoder_shapes():
     lst_b = saved_bytes(model, lst)
     petl_b = saved_bytes(model, encoder(False))
     full_b = saved_bytes(model, encoder(True))
-    model.freeze_backbone()
+    model.apply_trainable()                         # back to the declared trainable set
     assert lst_b / full_b <= 0.35                   # measured 0.258 (paper reference ≈ 0.26)
     assert lst_b < petl_b < full_b
 

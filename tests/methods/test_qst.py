@@ -21,6 +21,7 @@ from memtune.methods.qst import QSTConfig, QSTModel
 from memtune.methods.qst.downsample import AdapterDownsample, ChannelPool, make_downsample
 
 from ..conftest import has_package
+from .side_helpers import batch_for
 
 SPEC_LLAMA = dict(vocab_size=100, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=3)
@@ -58,22 +59,6 @@ def make(kind, **opts):
     return wrap_tiny(kind, **opts)
 
 
-def batch_for(model, b=3, t=9, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    if model.backbone.family == "vit":
-        batch = {"pixel_values": torch.randn(b, 3, 32, 32, generator=g)}
-    else:
-        ids = torch.randint(5, 60, (b, t), generator=g)
-        mask = torch.ones_like(ids)
-        mask[0, t - 3:] = 0                                    # one right-padded example
-        batch = {"input_ids": ids * mask, "attention_mask": mask}
-    if model.objective == "causal-lm":
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    else:
-        batch["labels"] = torch.arange(b) % model.num_labels
-    return batch
-
-
 def randomize_side(model, seed=5):
     """Random weights everywhere in the side network (not the mix), so a check cannot pass by zeros."""
     g = torch.Generator().manual_seed(seed)
@@ -82,7 +67,7 @@ def randomize_side(model, seed=5):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-KINDS = ["llama-lm", "llama-cls", "tiny-bert", "tiny-vit"]
+KINDS = ["llama-lm", "llama-cls", "tiny-bert", "tiny-vit", "tiny-opt"]
 
 
 # -- config ---------------------------------------------------------------------------------------------------
@@ -403,7 +388,7 @@ def test_loss_falls_on_a_fixed_batch(kind):
     assert model(**batch).loss.item() < 0.5 * first
 
 
-@pytest.mark.parametrize("name,num_labels", [("tiny-llama", None), ("tiny-bert", 2), ("tiny-vit", 2)])
+@pytest.mark.parametrize("name,num_labels", [("tiny-llama", None), ("tiny-bert", 2), ("tiny-vit", 2), ("tiny-opt", None)])
 def test_save_and_load_give_bit_identical_outputs(name, num_labels, tmp_path):
     model = wrap_tiny(name, num_labels, r=4, mix="sigmoid").train()
     batch = batch_for(model)

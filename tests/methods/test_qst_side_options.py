@@ -18,7 +18,8 @@ from memtune.memory.saved import count_saved_inside, saved_bytes
 from memtune.methods import ConfigError, config_for
 from memtune.methods.common import TapLinear, compact_bytes
 
-from .test_qst import batch_for, make, randomize_side, wrap_tiny
+from .side_helpers import batch_for
+from .test_qst import make, randomize_side, wrap_tiny
 
 EPS32 = 2.0 ** -24
 

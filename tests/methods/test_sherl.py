@@ -11,7 +11,7 @@ from memtune.methods.base import ConfigError
 from memtune.methods.sherl import MTSA, SHERLConfig, collected_blocks, layer_weights, mtsa_param_count, redundancy
 from memtune.models import load_model
 
-FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama"]
+FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt"]
 
 
 
@@ -167,7 +167,7 @@ def test_gate_closed_at_init_and_start_point_not_preserved(name):
     t = model.mtsa.terms(seen["feats"])
     assert t["gate"].item() == 0.0 and model.mtsa.gamma.item() == 0.0
     assert torch.equal(seen["out"], t["G"])                      # X̃ = U(ReLU(g)) exactly
-    if model.is_t5:                                             # §3: closed encoder gate, side norms = ones
+    if model.backbone.is_encoder_decoder:                       # §3: closed encoder gate, side norms = ones
         assert model.encoder_mtsa.gamma.item() == 0.0
         assert (model.encoder_side_norm.weight == 1).all() and (model.side_norm.weight == 1).all()
     ref = backbone_reference(model, batch)
@@ -176,7 +176,7 @@ def test_gate_closed_at_init_and_start_point_not_preserved(name):
 
 def _open_route(model):
     """U's output forced to 0 and γ = 10 (tanh(100) = 1): X̃ = F_{N-1} exactly."""
-    mtsas = [model.mtsa] + ([model.encoder_mtsa] if model.is_t5 else [])
+    mtsas = [model.mtsa] + ([model.encoder_mtsa] if model.backbone.is_encoder_decoder else [])
     with torch.no_grad():
         for mtsa in mtsas:
             last = mtsa.up if isinstance(mtsa.up, nn.Linear) else mtsa.up[1]
@@ -268,7 +268,7 @@ def test_gradients_stop_at_the_frozen_early_route(name, causal):
     assert model.mtsa.gamma.grad is not None and model.mtsa.gamma.grad.abs() > 0
     for n, p in model.trainable_named_parameters():
         assert p.grad is not None, n
-    if model.is_t5:
+    if model.backbone.is_encoder_decoder:
         assert model.encoder_mtsa.gamma.grad.abs() > 0          # the side memory reaches the encoder MTSA
 
 

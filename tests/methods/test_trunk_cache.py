@@ -9,6 +9,8 @@ from memtune.memory.measure import measure_training_memory
 from memtune.methods import ConfigError, config_for
 from memtune.methods.common import TrunkCache, TrunkCacheError, input_checksums
 
+from .side_helpers import train_epochs
+
 
 def _wrap(method, name, seed=0, **opts):
     torch.manual_seed(seed)
@@ -42,20 +44,7 @@ def epoch_batches(name, groups):
 def run(method, name, epochs, **opts):
     """Train `epochs` (lists of batches) with AdamW; returns losses, trunk block-0 calls per epoch, model."""
     m = _wrap(method, name, **opts).train()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    calls = []
-    m.backbone.blocks[0].register_forward_hook(lambda *a: calls.append(1))
-    losses, per_epoch = [], []
-    torch.manual_seed(123)                             # side dropout draws: the same in every run
-    for batches in epochs:
-        before = len(calls)
-        for b in batches:
-            loss = m(**b).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        per_epoch.append(len(calls) - before)
+    losses, per_epoch = train_epochs(m, epochs)
     return losses, per_epoch, m
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .base import Backbone, Context, UnsupportedModel
 from .bert import BertLikeBackbone
 from .llama import LlamaLikeBackbone
+from .opt import OPTBackbone
 from .t5 import T5Backbone
 from .vit import ViTLikeBackbone
 
@@ -13,17 +14,37 @@ FAMILIES: dict[str, type[Backbone]] = {
     "vit": ViTLikeBackbone, "dinov2": ViTLikeBackbone,
     "t5": T5Backbone,
     "llama": LlamaLikeBackbone, "mistral": LlamaLikeBackbone, "qwen2": LlamaLikeBackbone,
+    "opt": OPTBackbone,
 }
 
 
-def backbone_for(model) -> Backbone:
-    """Wrap a Hugging Face model (base model, or XForCausalLM for decoders) in its family's adapter."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def tiny_configs() -> dict:
+    """Every family's tiny aliases → their configs, in registry order."""
+    out: dict = {}
+    for cls in dict.fromkeys(FAMILIES.values()):
+        out.update(cls.tiny_configs())
+    return out
+
+
+def families_with(capabilities) -> list[str]:
+    """The family names whose backbones declare every one of `capabilities`, in registry order."""
+    need = set(capabilities)
+    return list(dict.fromkeys(cls.family for cls in FAMILIES.values() if need <= cls.capabilities))
+
+
+def family_class(config) -> type[Backbone]:
+    """The backbone class of a Hugging Face config's model type, with no model built (planner facts)."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedModel(
             f"model type {model_type!r} is not supported; supported model types: {', '.join(sorted(FAMILIES))}"
         )
-    return FAMILIES[model_type](model)
+    return FAMILIES[model_type]
 
 
-__all__ = ["Backbone", "Context", "UnsupportedModel", "backbone_for", "FAMILIES"]
+def backbone_for(model) -> Backbone:
+    """Wrap a Hugging Face model (base model, or XForCausalLM for decoders) in its family's adapter."""
+    return family_class(getattr(model, "config", None))(model)
+
+
+__all__ = ["Backbone", "Context", "UnsupportedModel", "backbone_for", "families_with", "family_class", "tiny_configs", "FAMILIES"]

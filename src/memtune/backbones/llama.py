@@ -5,9 +5,10 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .base import Backbone, Context
+from .side_network import PruneGroup, SideNetworkHooks, nearest_width, norm_step
 
 
-class LlamaLikeBackbone(Backbone):
+class LlamaLikeBackbone(SideNetworkHooks, Backbone):
     family = "llama"
     input_keys = ("input_ids", "attention_mask")
     lora_targets = ("q_proj", "v_proj")
@@ -15,6 +16,7 @@ class LlamaLikeBackbone(Backbone):
     ia3_feedforward = ("down_proj",)
     adapter_sites = ("self_attn.o_proj", "mlp.down_proj")
     is_causal_lm = True
+    capabilities = frozenset({"decoder", "single_stack", "sublayers", "side_network"})
 
     @property
     def decoder(self):
@@ -43,22 +45,87 @@ class LlamaLikeBackbone(Backbone):
         return h, ctx
 
     def run_block(self, i, h, ctx):
+        # ctx["cache"]: the KV cache of `embed_new_tokens` (decoding), read and extended by every block.
         return self.blocks[i](
-            h, attention_mask=ctx["attn_mask"], position_embeddings=ctx["rope"], position_ids=ctx["position_ids"]
+            h, attention_mask=ctx["attn_mask"], position_embeddings=ctx["rope"], position_ids=ctx["position_ids"],
+            past_key_values=ctx.get("cache"),
         )
+
+    @property
+    def final_norm(self):
+        return self.decoder.norm
 
     def finish(self, h, ctx):
         return self.decoder.norm(h)
 
-    def pool(self, h, ctx):
-        """Classification on a decoder reads the last real token (right padding assumed)."""
-        last = ctx["token_mask"].sum(1).long() - 1           # B
-        return h[torch.arange(h.shape[0], device=h.device), last]
+    # -- side networks (LST, QST; see side_network.py) ---------------------------------------------------
+    # Rotary positions need an even head width; grouped KV heads are kept as they are. The side blocks are
+    # causal and have their own rotary table at the side head width.
+    fused_side_attention = True
+    side_attention_dropout_field = "attention_dropout"
 
-    def lm_logits(self, h):
-        if not hasattr(self.model, "lm_head"):
-            return super().lm_logits(h)
-        return self.model.lm_head(h)                           # B×T×V
+    def side_widths(self, config, r, heads, exact):
+        """d' = round(d/r), d_ff' = round(d_ff/r), head width 2·round(d_kv/(2r)) ≥ 2 (exact: d/r, ⌊d_ff/r⌋,
+        d'/H)."""
+        if exact:
+            d_side = config.hidden_size // r
+            return {"hidden_size": d_side, "intermediate_size": config.intermediate_size // r,
+                    "head_dim": d_side // config.num_attention_heads}
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return {"hidden_size": nearest_width(config.hidden_size, r),
+                "intermediate_size": nearest_width(config.intermediate_size, r),
+                "head_dim": max(2, 2 * round(head_dim / (2 * r)))}
+
+    def side_width_problem(self, r, heads=None):
+        problem = super().side_width_problem(r, heads)
+        head_width = self.config.hidden_size // r // (heads or self.config.num_attention_heads)
+        if problem is None and head_width % 2:
+            return f"the side head width d/(r·H)={head_width} is odd; rotary positions need an even one"
+        return problem
+
+    def side_norm(self, d_side, cfg):
+        return type(self.final_norm)(d_side, eps=cfg.rms_norm_eps)
+
+    def make_side_rotary(self, cfg):
+        return type(self.decoder.rotary_emb)(cfg)
+
+    @torch.no_grad()
+    def side_context(self, s, ctx, cfg, rotary=None, cache=None):
+        pos = ctx["position_ids"]
+        return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"],
+                                           past_key_values=cache, position_ids=pos),
+                "rope": rotary(s, pos), "pos": pos, "cache": cache}
+
+    def run_side_block(self, block, s, sctx):
+        return block(s, attention_mask=sctx["mask"], position_embeddings=sctx["rope"], position_ids=sctx["pos"],
+                     past_key_values=sctx["cache"])
+
+    def embed_new_tokens(self, ids, mask, positions, cache):
+        """Embedding (B×L×d) and ctx of new tokens ids (B×L) at `positions` (B×L) for cached decoding: mask
+        B×(past + L) covers the cached and the new tokens, and `run_block` reads and extends `cache` (a
+        transformers Cache)."""
+        h = self.decoder.embed_tokens(ids)
+        ctx: Context = {
+            "token_mask": mask,
+            "position_ids": positions,
+            "attn_mask": create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=mask,
+                                            past_key_values=cache, position_ids=positions),
+            "rope": self.decoder.rotary_emb(h, position_ids=positions),
+            "cache": cache,
+        }
+        return h, ctx
+
+    @property
+    def pruning_embedding(self):
+        return self.decoder.embed_tokens.weight
+
+    def pruning_plan(self, block):
+        a = block.self_attn
+        heads = (a.config.num_attention_heads, a.config.num_key_value_heads, a.head_dim)
+        return [norm_step(block, "input_layernorm"),
+                PruneGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", heads),
+                norm_step(block, "post_attention_layernorm"),
+                PruneGroup(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")]
 
     # -- sub-layers (for methods that couple attention and feed-forward separately, e.g. MEFT) ----------
     # Pre-norm: each sub-layer is x + branch(RMSNorm(x)), residual included, so
@@ -83,3 +150,17 @@ class LlamaLikeBackbone(Backbone):
         if branch_hook is not None:
             u = branch_hook(n, u)
         return a + u
+
+    # -- planner facts (see Backbone) ------------------------------------------------------------------
+    pooling = "the last real token: h[b, sum(attention_mask[b]) - 1] (B×d)"
+
+    @classmethod
+    def tiny_configs(cls):
+        from transformers import LlamaConfig
+
+        from ..tokenizer import VOCAB_SIZE
+
+        return {"tiny-llama": LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
+                                          eos_token_id=3, tie_word_embeddings=True)}

@@ -22,7 +22,8 @@ USER_SPLIT_SALT = "memtune-user-split-v1"
 _INT = re.compile(r"[+-]?\d+")
 
 
-def _read_utf8(path: Path, kind: str) -> str:
+def read_utf8(path: Path, kind: str) -> str:
+    """The text of a UTF-8 file (a byte-order mark dropped); TaskError when missing, not UTF-8 or empty."""
     if not path.exists():
         raise TaskError(f"{kind} file not found: {path}")
     if not path.is_file():
@@ -43,7 +44,7 @@ def _read_utf8(path: Path, kind: str) -> str:
 
 def read_csv(path: Path, text_column: str, label_column: str):
     """Rows of a comma-separated file with a header line."""
-    raw = _read_utf8(path, "CSV")
+    raw = read_utf8(path, "CSV")
     reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
     try:
         header = next(reader)
@@ -79,20 +80,9 @@ def read_csv(path: Path, text_column: str, label_column: str):
 
 def read_jsonl(path: Path, text_column: str, label_column: str):
     """Rows of a JSON-lines file: one JSON object per non-blank line."""
-    raw = _read_utf8(path, "JSONL")
+    raw = read_utf8(path, "JSONL")
     rows = []
-    for line_no, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskError(f"{path}: malformed JSON at line {line_no}: {err.msg}") from None
-        if not isinstance(obj, dict):
-            raise TaskError(
-                f"{path}: line {line_no} is a JSON {type(obj).__name__}, expected an object "
-                f'like {{"{text_column}": "...", "{label_column}": ...}}'
-            )
+    for line_no, obj in json_objects(raw, path, f'{{"{text_column}": "...", "{label_column}": ...}}'):
         missing = [c for c in (text_column, label_column) if c not in obj]
         if missing:
             raise TaskError(
@@ -103,6 +93,23 @@ def read_jsonl(path: Path, text_column: str, label_column: str):
     if not rows:
         raise TaskError(f"JSONL file is empty: {path}")
     return rows
+
+
+def json_objects(raw: str, path: Path, example: str):
+    """(line number, object) for every non-blank line of a JSON-lines text; a line that is not JSON, or not
+    a JSON object (`example` shows one), is a TaskError naming the file and the line."""
+    for line_no, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TaskError(f"{path}: malformed JSON at line {line_no}: {err.msg}") from None
+        if not isinstance(obj, dict):
+            raise TaskError(
+                f"{path}: line {line_no} is a JSON {type(obj).__name__}, expected an object like {example}"
+            )
+        yield line_no, obj
 
 
 def _labels(rows, path: Path):

@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 
 from ..methods import ConfigError
+from .flops import counting
+from .plan_types import PlanSettings
+from .real_step import build_real_step, step_clock, time_step
 
 CALIBRATION_VERSION = 3
 TENSOR_CORE_SHARE, SIMT_SHARE, BANDWIDTH_SHARE = 0.7, 0.85, 0.85
@@ -181,12 +184,6 @@ def cpu_profile(refresh: bool = False) -> DeviceProfile:
     return profile
 
 
-def step_clock():
-    """The clock to time this process's work with: CPU time with one torch thread (time other processes
-    take from the core does not count), wall time with more (CPU time would add the threads up)."""
-    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
-
-
 def _rate(fn, work: float, min_seconds: float = 0.1) -> float:
     """work / seconds of one `fn()`: the fastest of many short timed groups over `min_seconds`.
 
@@ -292,10 +289,6 @@ def _launch_seconds(profile: DeviceProfile, steps: int = 5) -> float:
     The tiny model (tiny-bert, d=64, batch 2 × 16) does almost no arithmetic, so its step time is the
     Python, dispatcher and autograd cost of its operators, which a larger model pays per operator too.
     """
-    from .flops import counting
-    from .plan import PlanSettings
-    from .real_step import build_real_step, time_step
-
     step = build_real_step(PlanSettings(model="tiny-bert", batch_size=2, max_length=16, device="cpu"), "full", {})
     seconds = time_step(step, warmup=2, steps=steps)
     with counting(step.optimizer) as counter:

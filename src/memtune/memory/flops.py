@@ -1,6 +1,6 @@
 """The work of a planned training step: FLOPs and bytes moved per operator, counted on the `meta` device.
 
-    cost = count_planned_step(model, optimizer, batch, settings)   # one meta step under the cost counter
+    cost = plan_step.count_planned_step(model, optimizer, batch, settings)   # one meta step, counted
     cost.totals()                      # {"forward": {"matmul": FLOPs, ...}, "backward": ..., "optimizer": ...}
     seconds = cost.seconds(profile)    # `devices.DeviceProfile`: per-operator roofline, summed
 
@@ -217,17 +217,3 @@ def counting(optimizer=None):
     finally:
         ATTENTION_COST_SINK.reset(token)
         counter.remove_hooks()
-
-
-def count_planned_step(model, optimizer, batch, settings) -> StepCost:
-    """One planned training step (the same `_step` the memory plan tracks) under the cost counter."""
-    from .plan_step import _step
-
-    with counting(optimizer) as counter:
-        _step(model, optimizer, batch, settings)
-    return StepCost(tuple(counter.ops), _batch_size_of(batch))
-
-
-def _batch_size_of(batch: dict) -> int:
-    first = next(iter(batch.values()))
-    return int(first.shape[0])

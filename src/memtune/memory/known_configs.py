@@ -6,8 +6,9 @@
 
 Shipped configs are the architecture fields of the public checkpoints (`known_models()` lists them);
 `llama-7b` and `llama-3-8b` are Llama-shaped decoders of those sizes. A user's config must name its
-`model_type` and the fields that fix the model's size (`REQUIRED`): transformers would silently fill
-in base-model defaults for missing ones, and a plan of the wrong size is worse than an error.
+`model_type` and the fields that fix the model's size (its backbone family's `size_fields`): transformers
+would silently fill in base-model defaults for missing ones, and a plan of the wrong size is worse than an
+error.
 """
 from __future__ import annotations
 
@@ -16,16 +17,9 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from ..backbones import FAMILIES
 from ..models import TINY, ModelError, _tiny_config
 
-_TEXT = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "bert": _TEXT, "roberta": _TEXT, "xlm-roberta": _TEXT, "mpnet": _TEXT,
-    "llama": _TEXT, "mistral": _TEXT, "qwen2": _TEXT,
-    "vit": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size"),
-    "dinov2": ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size"),
-    "t5": ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"),
-}
 # Other names people use for the shipped configs.
 SYNONYMS = {
     "bert-base-uncased": "bert-base", "bert-base-cased": "bert-base", "bert-large-uncased": "bert-large",
@@ -37,6 +31,7 @@ SYNONYMS = {
     "meta-llama/Meta-Llama-3-8B": "llama-3-8b", "llama3-8b": "llama-3-8b",
     "sentence-transformers/all-MiniLM-L6-v2": "minilm", "sentence-transformers/all-mpnet-base-v2": "mpnet-base",
     "facebook/dinov2-small": "dinov2-s", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+    "facebook/opt-125m": "opt-125m", "facebook/opt-1.3b": "opt-1.3b", "facebook/opt-6.7b": "opt-6.7b",
 }
 
 
@@ -53,13 +48,14 @@ def known_models() -> list[str]:
 def check_required(d: dict, where: str) -> None:
     model_type = d.get("model_type")
     if not model_type:
-        raise ModelError(f"{where}: the config has no 'model_type'; supported: {', '.join(sorted(REQUIRED))}")
-    if model_type not in REQUIRED:
+        raise ModelError(f"{where}: the config has no 'model_type'; supported: {', '.join(sorted(FAMILIES))}")
+    if model_type not in FAMILIES:
         raise ModelError(f"{where}: model type {model_type!r} is not supported; "
-                         f"supported: {', '.join(sorted(REQUIRED))}")
-    missing = [k for k in REQUIRED[model_type] if k not in d]
+                         f"supported: {', '.join(sorted(FAMILIES))}")
+    required = FAMILIES[model_type].size_fields(model_type)
+    missing = [k for k in required if k not in d]
     if missing:
-        raise ModelError(f"{where}: a {model_type} config needs {', '.join(REQUIRED[model_type])}; "
+        raise ModelError(f"{where}: a {model_type} config needs {', '.join(required)}; "
                          f"missing: {', '.join(missing)}")
 
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..backbones import family_class
 from ..methods import config_for
-from ..models import drop_unused_parts, model_class_for
-from ..techniques.checkpointing import BlockCheckpointing  # noqa: F401 - the planner's and tests' import path
+from ..models import drop_unused_parts, model_from_config
+from .flops import StepCost, counting
 from .meta_ops import (AutocastEmulation, FusedAttention, FusedDropout, ScalarAnswers, is_meta_scalar_call,
                        scalar_answer)
+from .plan_types import PlanSettings
 from .tracker import LiveBytesTracker
-
-if TYPE_CHECKING:
-    from .plan import PlanSettings
 
 SGD_MOMENTUM = 0.9   # "sgd" means SGD with momentum: one state tensor per trainable parameter
 # cuBLAS and cuBLASLt workspaces: PyTorch allocates them through its caching allocator on the first matrix
@@ -38,99 +36,63 @@ class PlanTracker(LiveBytesTracker):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-def _depth_keys(config) -> tuple[str, ...]:
-    return ("num_layers", "num_decoder_layers") if config.model_type == "t5" else ("num_hidden_layers",)
-
-
-def config_depth(config) -> int:
-    return getattr(config, _depth_keys(config)[0])
-
-
-def with_depth(config, n: int):
-    config = copy.deepcopy(config)
-    for k in _depth_keys(config):
-        setattr(config, k, n)
-    return config
-
-
 def objective_of(config, settings: PlanSettings) -> str:
+    """settings.objective, where "auto" is causal LM for the families that predict the next token."""
     if settings.objective != "auto":
         return settings.objective
-    return "causal-lm" if config.model_type in ("llama", "mistral", "qwen2") else "classification"
+    return "causal-lm" if family_class(config).is_causal_lm else "classification"
 
 
-def default_image_size(config) -> int:
-    """DINOv2 checkpoints store 518 (their pretraining crop); their processors feed 224."""
-    size = int(getattr(config, "image_size", 224))
-    return min(size, 224) if config.model_type == "dinov2" else size
+def wrap_planned(base, config, settings: PlanSettings, method: str, options: dict):
+    """`base` (a transformers model or `LoadedModel`) wrapped by the method as a planned step runs it: a
+    classification head of settings.num_labels (none for causal LM), bf16 weights for precision "bf16",
+    training mode."""
+    import memtune
+
+    num_labels = None if objective_of(config, settings) == "causal-lm" else settings.num_labels
+    model = memtune.wrap(base, config_for(method, options), num_labels=num_labels)
+    if settings.precision == "bf16":
+        model.to(torch.bfloat16)
+    return model.train()
 
 
-def max_positions(config) -> int | None:
-    """Longest input of a model with learned absolute positions (None: relative or rotary positions).
-
-    RoBERTa-style models (RoBERTa, XLM-R, MPNet) number positions from pad_token_id + 1.
-    """
-    if config.model_type not in ("bert", "roberta", "xlm-roberta", "mpnet"):
-        return None
-    n = int(config.max_position_embeddings)
-    if config.model_type != "bert":
-        n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
-    return n
-
-
-def build_meta_model(config, settings: PlanSettings, method: str, options: dict, prepare=None):
-    """The HF model on meta, wrapped by the method's real implementation, in training mode.
+def build_planned_model(config, settings: PlanSettings, method: str, options: dict, prepare=None,
+                        device="meta"):
+    """The HF model built from `config` with fresh weights on `device` (meta for a plan: shapes, no storage),
+    wrapped by the method's real implementation (`wrap_planned`).
 
     `prepare(hf_model)`, if given, edits the HF model before wrapping (e.g. adds bias terms).
     Returns (wrapped model, number of pretrained parameters).
     """
-    import memtune
-
     config = copy.deepcopy(config)
     config._attn_implementation = settings.attn
-    cls = model_class_for(config)
-    num_labels = None if objective_of(config, settings) == "causal-lm" else settings.num_labels
-    with torch.device("meta"), ScalarAnswers():
-        if hasattr(cls, "from_config"):                 # Auto classes
-            hf = cls.from_config(config, dtype=torch.float32)
-        else:
-            hf = cls(config)
+    on_meta = torch.device(device).type == "meta"
+    with torch.device(device), (ScalarAnswers() if on_meta else contextlib.nullcontext()):
+        hf = model_from_config(config)
         drop_unused_parts(hf)                           # as `load_model` does: no pooler, no mask token
         if prepare is not None:
             prepare(hf)
         pretrained = sum(p.numel() for p in hf.parameters())
-        model = memtune.wrap(hf, config_for(method, options), num_labels=num_labels)
-    if settings.precision == "bf16":
-        model.to(torch.bfloat16)
-    model.train()
+        model = wrap_planned(hf, config, settings, method, options)
     return model, pretrained
 
 
 def make_batch(model, settings: PlanSettings, batch_size: int) -> dict[str, torch.Tensor]:
-    """Inputs on meta, padded to exactly the planned length (all tokens real), plus labels."""
+    """The planned inputs on meta (the backbone family's `planning_batch`: padded to exactly the planned
+    length, every token real) plus labels: the input ids for causal LM, class 0 otherwise."""
     bb = model.backbone
-    meta = torch.device("meta")
-    if bb.family == "vit":
-        size = settings.image_size or default_image_size(bb.config)
-        dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
-        batch = {"pixel_values": torch.empty(batch_size, 3, size, size, device=meta, dtype=dtype)}
-    else:
-        ids = torch.zeros(batch_size, settings.max_length, dtype=torch.long, device=meta)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if bb.family == "bert" and getattr(bb.config, "type_vocab_size", 0) and not getattr(bb, "is_mpnet", False):
-            batch["token_type_ids"] = torch.zeros_like(ids)      # what BERT tokenizers return
-        if bb.family == "t5" and settings.target_length > 1:
-            batch["decoder_input_ids"] = torch.zeros(batch_size, settings.target_length, dtype=torch.long,
-                                                     device=meta)
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    batch = bb.planning_batch(bb.config, batch_size, settings.max_length, image_size=settings.image_size,
+                              target_length=settings.target_length, dtype=dtype, device="meta")
     if model.objective == "causal-lm":
         batch["labels"] = batch["input_ids"].clone()
     else:
-        batch["labels"] = torch.zeros(batch_size, dtype=torch.long, device=meta)
+        batch["labels"] = torch.zeros(batch_size, dtype=torch.long, device="meta")
     return batch
 
 
 def make_optimizer(model, settings: PlanSettings):
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = model.parameter_groups()
     foreach = settings.device == "cuda"
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=1e-3, momentum=SGD_MOMENTUM, foreach=foreach)
@@ -236,12 +198,21 @@ def _step(model, optimizer, batch, settings: PlanSettings) -> None:
 def run_step(model, optimizer, batch, settings: PlanSettings, count_cost: bool = False):
     """One training step on meta under the live-bytes tracker; with `count_cost`, also under the FLOP and
     byte counter of `flops` (the result's extra["cost"]: a `StepCost`), in the same step."""
-    from .flops import StepCost, counting
-
     tracker = PlanTracker(model, optimizer, inputs=batch)
     with tracker, (counting(optimizer) if count_cost else contextlib.nullcontext()) as counter:
         _step(model, optimizer, batch, settings)
     result = tracker.result()
     if counter is not None:
-        result.extra["cost"] = StepCost(tuple(counter.ops), int(next(iter(batch.values())).shape[0]))
+        result.extra["cost"] = StepCost(tuple(counter.ops), _batch_size_of(batch))
     return result
+
+
+def count_planned_step(model, optimizer, batch, settings: PlanSettings) -> StepCost:
+    """One planned training step (the same `_step` the memory plan tracks) under the cost counter only."""
+    with counting(optimizer) as counter:
+        _step(model, optimizer, batch, settings)
+    return StepCost(tuple(counter.ops), _batch_size_of(batch))
+
+
+def _batch_size_of(batch: dict) -> int:
+    return int(next(iter(batch.values())).shape[0])

@@ -9,6 +9,8 @@ forward, backward, `optimizer.step()`, `zero_grad(set_to_none=True)`.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -23,15 +25,17 @@ class RealStep:
         training_step(self.model, self.batch, self.optimizer)
 
 
-def real_batch(meta_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The plan's batch (`plan_step.make_batch`) with values: token ids 5, every token real, labels 0
-    (for causal LMs: the ids), seeded normal pixels."""
+def real_batch(meta_batch: dict[str, torch.Tensor], device="cpu") -> dict[str, torch.Tensor]:
+    """The plan's batch (`plan_step.make_batch`) with values on `device`: token ids 5, every token real,
+    labels 0 (for causal LMs: the ids), seeded normal pixels."""
     out = {}
     for k, v in meta_batch.items():
         if v.dtype == torch.long:
-            out[k] = torch.full(v.shape, {"attention_mask": 1, "token_type_ids": 0, "labels": 0}.get(k, 5))
+            fill = {"attention_mask": 1, "token_type_ids": 0, "labels": 0}.get(k, 5)
+            out[k] = torch.full(v.shape, fill, dtype=torch.long, device=device)
         else:
-            out[k] = torch.randn(v.shape, generator=torch.Generator().manual_seed(0)).to(v.dtype)
+            pixels = torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
+            out[k] = pixels.to(device=device, dtype=v.dtype)
     if out["labels"].dim() == 2:
         out["labels"] = out["input_ids"].clone()
     return out
@@ -39,19 +43,14 @@ def real_batch(meta_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def build_real_step(settings, method: str, options: dict) -> RealStep:
     """The plan's step for `method` on real tensors (CPU); settings.model must be loadable here."""
-    import memtune
-    from memtune.methods import config_for
     from memtune.models import load_model
+    from memtune.techniques.checkpointing import BlockCheckpointing
 
-    from .plan_step import BlockCheckpointing, make_batch, make_optimizer, objective_of
+    from .plan_step import make_batch, make_optimizer, wrap_planned
 
     torch.manual_seed(0)
     loaded = load_model(settings.model, attn_implementation=settings.attn)
-    num_labels = None if objective_of(loaded.model.config, settings) == "causal-lm" else settings.num_labels
-    model = memtune.wrap(loaded, config_for(method, options), num_labels=num_labels)
-    if settings.precision == "bf16":
-        model.to(torch.bfloat16)
-    model.train()
+    model = wrap_planned(loaded, loaded.model.config, settings, method, options)
     if settings.gradient_checkpointing:
         BlockCheckpointing(model.backbone)
     optimizer = make_optimizer(model, settings)
@@ -59,11 +58,15 @@ def build_real_step(settings, method: str, options: dict) -> RealStep:
                     settings.gradient_checkpointing)
 
 
-def step_times(step, warmup: int = 2, steps: int = 5) -> list[float]:
-    """Seconds of `steps` timed calls after `warmup` untimed ones, on `devices.step_clock()` (CPU time of
-    this process with one torch thread: other processes' load on a shared machine does not count)."""
-    from .devices import step_clock
+def step_clock():
+    """The clock to time this process's work with: CPU time with one torch thread (time other processes
+    take from the core does not count), wall time with more (CPU time would add the threads up)."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
 
+
+def step_times(step, warmup: int = 2, steps: int = 5) -> list[float]:
+    """Seconds of `steps` timed calls after `warmup` untimed ones, on `step_clock()` (CPU time of
+    this process with one torch thread: other processes' load on a shared machine does not count)."""
     clock = step_clock()
     for _ in range(warmup):
         step()

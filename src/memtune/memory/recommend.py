@@ -107,11 +107,11 @@ def recommend(settings, methods=None, profile: str | None = None, precision_fixe
     settings = replace(settings, device_profile=profile or settings.device_profile)
     notes = []
     if settings.layers is None:
+        from ..backbones import family_class
         from .known_configs import resolve_config
-        from .plan_step import config_depth
 
         cfg = config if config is not None else resolve_config(settings.model)[0]
-        if config_depth(cfg) > DEEP:
+        if family_class(cfg).depth(cfg) > DEEP:
             settings = replace(settings, layers=SEARCH_LAYERS)
             notes.append(f"searched with depth extrapolation (plans at {SEARCH_LAYERS} and {2 * SEARCH_LAYERS} "
                          "blocks, linear per block): exact for methods that repeat per block, up to 15 % high "
@@ -160,7 +160,7 @@ def recommend(settings, methods=None, profile: str | None = None, precision_fixe
 def _valid_specs(specs: list[str]):
     """Specs every check accepts, and a row per refused combination (a method that refuses a technique)."""
     from ..spec import parse_spec, validate_spec
-    from .plan import MethodPlan
+    from .plan_types import MethodPlan
 
     ok, refused = [], []
     for text in specs:

@@ -1,14 +1,17 @@
 """What every method shares: a validated config dataclass and the wrapped model around a backbone.
 
 A method is a `MethodConfig` subclass (its options, checked on construction) and a `MemtuneModel`
-subclass that decides which parameters train and how features are computed from the backbone:
+subclass that declares which parameters train and computes features from the backbone:
 
+    is_trainable(name) -> bool      (default: every parameter outside `backbone.`)
     features(batch) -> B×F          (classification: the head maps F → num_labels)
                     -> B×T×d        (causal LM: finished token states; the frozen LM head maps d → V)
+
+The method's package binds the two (`XConfig.model_class = XModel` in its `__init__.py`, so that `config.py`
+holds data only) and lists its configs in `CONFIGS` for `registry.py`.
 """
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
 
-from ..backbones import Backbone
+from ..backbones import Backbone, families_with
 
 
 class ConfigError(ValueError):
@@ -64,9 +67,10 @@ class MethodConfig:
     """Base of every method's options. Subclasses add fields and override `validate`."""
 
     name: ClassVar[str] = ""
+    # The model the config builds; set by the method package's __init__.py.
     model_class: ClassVar[type["MemtuneModel"]]
-    # Backbone families the method supports (empty: all).
-    families: ClassVar[tuple[str, ...]] = ()
+    # Backbone capabilities the method needs (Backbone.capabilities; empty: every family).
+    requires: ClassVar[tuple[str, ...]] = ()
     # Learning rate used when the user gives none (side networks want ~10x full fine-tuning's).
     default_lr: ClassVar[float] = 1e-3
 
@@ -96,13 +100,27 @@ class MethodConfig:
                               f"allowed: {', '.join(sorted(known)) or 'none'}")
         return cls(**d)
 
+    @classmethod
+    def supported_families(cls) -> list[str]:
+        return families_with(cls.requires)
+
     def check_family(self, backbone: Backbone) -> None:
-        if self.families and backbone.family not in self.families:
+        if not set(self.requires) <= backbone.capabilities:
             raise ConfigError(f"method {self.name!r} does not support the {backbone.family} family; "
-                              f"supported families: {', '.join(self.families)}")
+                              f"supported families: {', '.join(self.supported_families())}")
 
 
-class MemtuneModel(nn.Module):
+class _AppliesTrainable(type):
+    """Metaclass of MemtuneModel: once a model is constructed (every subclass's __init__ has run, so every
+    parameter exists), requires_grad of each parameter is set from the model's `is_trainable`."""
+
+    def __call__(cls, *args, **kwargs):
+        model = super().__call__(*args, **kwargs)
+        model.apply_trainable()
+        return model
+
+
+class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
     """A backbone, a method's trainable parts and a head. Call it like a transformers model."""
 
     def __init__(self, backbone: Backbone, config: MethodConfig, num_labels: int | None = None):
@@ -126,11 +144,35 @@ class MemtuneModel(nn.Module):
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    # -- shared machinery ----------------------------------------------------------------------------
-    def freeze_backbone(self) -> None:
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
+    # -- what trains ---------------------------------------------------------------------------------
+    def is_trainable(self, name: str) -> bool:
+        """Whether the parameter `name` (as `named_parameters()` names it) trains. Default: everything outside
+        the backbone, i.e. the head and the method's own modules."""
+        return not name.startswith("backbone.")
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of trainable parameters the optimizer leaves without weight decay (default: none)."""
+        return set()
+
+    def apply_trainable(self) -> None:
+        """requires_grad from `is_trainable` on every parameter (done once the model is constructed)."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(self.is_trainable(name))
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The declared trainable parameters by name: what the optimizer updates and a checkpoint holds."""
+        return [(n, p) for n, p in self.named_parameters() if self.is_trainable(n)]
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups of the trainable parameters: `no_weight_decay()` in a group with
+        weight_decay 0, the rest at the optimizer's own setting (empty groups left out)."""
+        skip = self.no_weight_decay()
+        trainable = self.trainable_named_parameters()
+        groups = [{"params": [p for n, p in trainable if n not in skip]},
+                  {"params": [p for n, p in trainable if n in skip], "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    # -- shared machinery ----------------------------------------------------------------------------
     # transformers.Trainer: the loss is a mean over this batch, so no `num_items_in_batch` is passed in.
     accepts_loss_kwargs = False
 
@@ -154,9 +196,6 @@ class MemtuneModel(nn.Module):
         logits = self.head(feats)                                          # B×C
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-    def trainable_named_parameters(self):
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def num_parameters_split(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, each shared tensor counted once."""

@@ -1,37 +1,25 @@
-"""Method names → config classes. A method file registers itself by being listed here."""
+"""Method names → config classes: every method package, imported and registered here once."""
 from __future__ import annotations
 
-from .adapter import AdapterConfig
+from . import adapter, baselines, dtl, lst, meft, peft_methods, qst, sherl
 from .base import ConfigError, MethodConfig
-from .baselines import BitFitConfig, FullConfig, LinearConfig
-from .peft_methods import IA3Config, LoRAConfig
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
 
 def register(*configs: type[MethodConfig]) -> None:
+    """Add configs under their `name`; a name registered twice, or a config bound to no model, raises."""
     for c in configs:
+        if c.name in METHODS:
+            raise ValueError(f"method name {c.name!r} is registered twice: by {METHODS[c.name].__qualname__} "
+                             f"and by {c.__qualname__}")
+        if getattr(c, "model_class", None) is None:
+            raise TypeError(f"{c.__qualname__} has no model_class: bind it in its method package's __init__.py")
         METHODS[c.name] = c
 
 
-register(FullConfig, LinearConfig, BitFitConfig, LoRAConfig, IA3Config, AdapterConfig)
-
-
-def _register_side_methods() -> None:
-    """Import the memory-efficient methods; each file lists its config classes in `CONFIGS`."""
-    import importlib
-
-    for mod in ("lst", "dtl", "sherl", "meft", "qst"):
-        try:
-            module = importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
-            continue
-        register(*module.CONFIGS)
-
-
-_register_side_methods()
+register(*baselines.CONFIGS, *peft_methods.CONFIGS, *adapter.CONFIGS, *lst.CONFIGS, *dtl.CONFIGS, *sherl.CONFIGS,
+         *meft.CONFIGS, *qst.CONFIGS)
 
 
 def config_for(method: str, options: dict | None = None) -> MethodConfig:

@@ -161,7 +161,7 @@ def _checkpoints_any_block(model, ckpt: BlockCheckpointing) -> bool:
         device = next(model.parameters()).device
     except StopIteration:
         return False
-    batch = bb.example_batch(1, None if bb.family == "vit" else 4, device=device)
+    batch = bb.planning_batch(bb.config, 1, 4, device=device)           # 4 tokens, or one default-size image
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

@@ -1,6 +1,6 @@
 """The memory techniques on the planner's meta model (`memtune plan --methods lora+nf4+gc,lst+nf4`).
 
-    planned = plan_techniques(model, settings, ("nf4", "gc"))     # after `build_meta_model`
+    planned = plan_techniques(model, settings, ("nf4", "gc"))     # after `plan_step.build_planned_model`
     ...warm-up and the planned step...
     planned.fill(method_plan)                                      # status and byte figures of the row
 

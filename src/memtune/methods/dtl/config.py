@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from ..base import MethodConfig, check
 from ..common.compact_linear import TAP_STORAGES
 from ..common.trunk_cache import TrunkCacheOptions
-from .model import DTLModel
 
 FUSIONS = ("dwconv",)
 
@@ -36,8 +35,7 @@ class DTLConfig(TrunkCacheOptions, MethodConfig):
                  hit. Bit-identical to not caching with cache_dtype=full.
     """
     name = "dtl"
-    model_class = DTLModel
-    families = ("bert", "vit")
+    requires = ("encoder",)
     rank: int = 2
     read_blocks: tuple[int, ...] | None = None
     add_blocks: tuple[int, ...] | None = None
@@ -69,11 +67,10 @@ class DTLConfig(TrunkCacheOptions, MethodConfig):
         check(not (self.cache_trunk and self.trunk_dropout),
               f"{n}: cache_trunk needs a deterministic trunk, so it cannot be combined with trunk_dropout=true")
 
+
 @dataclass
 class DTLPlusConfig(DTLConfig):
     """DTL+: DTL with the depthwise-conv fusion of the injection (fusion="dwconv", kernel 3 by default)."""
     name = "dtl+"
     fusion: str | None = "dwconv"
 
-
-CONFIGS = [DTLConfig, DTLPlusConfig]

@@ -8,8 +8,8 @@
         if i ∈ L: h = h + read_i(x)               # reads the block INPUT
         x = f_i(x)
         if i ∈ S: x = x + G(θ_β(h))               # writes the block OUTPUT, with the full running sum
-    ViT:  feats = LN_final(mean of patch tokens of x)   # pool first, then the pretrained final LayerNorm
-    BERT: feats = masked mean over real tokens of x     # the family's own pooling (BERT's finish is identity)
+    patch grid (ViT): feats = LN_final(mean of patch tokens of x)   # pool first, then the final LayerNorm
+    sequence (BERT):  feats = pool(finish(x))                        # the family's own pooling
 
 Choices the paper leaves open (documented here, tested in tests/methods/test_dtl.py):
 - Trunk mode. The embedding and blocks 0..s₀ run in eval mode (no dropout / DropPath) during training too,
@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...backbones.base import take_indices
 from ..base import ConfigError, MemtuneModel
 from ..common.trunk_cache import TrunkCache, cached_trunk, trunk_eval_mode
 from .side import Injection, LowRankRead
@@ -43,16 +44,12 @@ def default_add_blocks(num_layers: int) -> tuple[int, ...]:
 class DTLModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
-        self.freeze_backbone()
         n, d = backbone.num_layers, backbone.hidden_size
         name = config.name
-        add = tuple(sorted(config.add_blocks)) if config.add_blocks is not None else default_add_blocks(n)
-        read = tuple(sorted(config.read_blocks)) if config.read_blocks is not None else tuple(range(add[-1] + 1))
-        for field, blocks in (("add_blocks", add), ("read_blocks", read)):
-            bad = [b for b in blocks if not 0 <= b < n]
-            if bad:
-                raise ConfigError(f"{name}.{field}: block(s) {bad} out of range for this {n}-block model "
-                                  f"(allowed: 0..{n - 1})")
+        add = (default_add_blocks(n) if config.add_blocks is None
+               else take_indices(n, config.add_blocks, f"{name}.add_blocks", ConfigError))
+        read = (tuple(range(add[-1] + 1)) if config.read_blocks is None
+                else take_indices(n, config.read_blocks, f"{name}.read_blocks", ConfigError))
         if read[0] > add[0]:
             raise ConfigError(f"{name}: the first add-back (after block {add[0]}) comes before the first read "
                               f"block ({read[0]}), so it would inject θ(0) = 0 and only cost memory; "
@@ -72,8 +69,7 @@ class DTLModel(MemtuneModel):
         self.reads = nn.ModuleDict({str(i): LowRankRead(d, config.rank, config.tap_storage if i <= add[0] else "full",
                                                         **kw) for i in read})
         # One G∘θ_β shared by every add-back (DTL+: the single depthwise conv is shared).
-        layout = "grid" if backbone.family == "vit" else "sequence"
-        self.inject = Injection(d, config.beta, config.fusion, config.kernel, layout, **kw)
+        self.inject = Injection(d, config.beta, config.fusion, config.kernel, backbone.token_layout, **kw)
         if self.head is not None:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
@@ -86,8 +82,9 @@ class DTLModel(MemtuneModel):
 
     @property
     def feature_size(self) -> int:
-        # ViT-like: mean of patch tokens (width d) instead of the backbone's [CLS ‖ mean] (2d).
-        return self.backbone.hidden_size if self.backbone.family == "vit" else self.backbone.feature_size
+        # Patch grids: the mean of the patch tokens (width d), not the backbone's own pooling (ViT: [CLS ‖ mean], 2d).
+        bb = self.backbone
+        return bb.hidden_size if bb.token_layout == "grid" else bb.feature_size
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the reference recipe trains without weight decay: only the head bias."""
@@ -114,14 +111,10 @@ class DTLModel(MemtuneModel):
                 x0 = x0 * keep
 
             def compute():                                            # [x_i for i in later] + [block s₀'s output]
-                x, outs = x0, []
-                for i in range(self.s0 + 1):
-                    if i in later:
-                        outs.append(x)
-                    x = self.backbone.run_block(i, x, ctx)
-                    if keep is not None:
-                        x = x * keep
-                return outs + [x]
+                # x_i, the input of block i, is the output of block i - 1.
+                y, outs = self.backbone.forward_intermediates(x0, ctx, [i - 1 for i in later], stop=self.s0 + 1,
+                                                              row_mask=keep)
+                return outs + [y]
 
             stored = cached_trunk(cache, batch, mask, self.backbone.input_keys, compute, x0)
         taps = ([(0, x0)] if 0 in self._read_set else []) + list(zip(later, stored[:-1]))
@@ -144,8 +137,8 @@ class DTLModel(MemtuneModel):
         return self._pool(x, ctx)
 
     def _pool(self, x, ctx):
-        if self.backbone.family == "vit":
-            rows, cols = ctx["grid"]
-            z = x[:, x.shape[1] - rows * cols:].mean(dim=1)          # B×D: mean of patch tokens (CLS unused)
-            return self.backbone.finish(z, ctx)                      # pretrained final LayerNorm after pooling
-        return self.backbone.pool(self.backbone.finish(x, ctx), ctx)
+        bb = self.backbone
+        if bb.token_layout == "grid":
+            z = bb.grid_tokens(x, ctx).mean(dim=1)                   # B×D: mean of patch tokens (CLS unused)
+            return bb.finish(z, ctx)                                 # pretrained final LayerNorm after pooling
+        return bb.pool(bb.finish(x, ctx), ctx)

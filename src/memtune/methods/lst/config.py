@@ -5,14 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import MethodConfig, check
-from ..common.compact_linear import TAP_STORAGES
+from ..common.side_options import SideNetworkOptions
 from ..common.trunk_cache import TrunkCacheOptions
 
 INITS = ("random", "magnitude", "fisher")
 
 
 @dataclass
-class LSTConfig(TrunkCacheOptions, MethodConfig):
+class LSTFields:
+    """LST's own options (documented in LSTConfig), listed before the shared side-network ones."""
+    r: int = 8
+    gate_temperature: float = 0.1
+    keep_layers: tuple[int, ...] | None = None
+    init: str = "magnitude"
+    fisher_samples: int = 1024
+    dropout: float = 0.1
+
+
+@dataclass
+class LSTConfig(SideNetworkOptions, LSTFields, TrunkCacheOptions, MethodConfig):
     """Ladder Side-Tuning: a frozen backbone and a narrow side network of the same block type.
 
     r                 reduction factor: side width d' = d/r, FFN width d_ff/r, per-head width d_kv/r,
@@ -59,19 +70,9 @@ class LSTConfig(TrunkCacheOptions, MethodConfig):
     """
 
     name = "lst"
-    families = ("bert", "vit", "t5", "llama")
+    requires = ("side_network",)
     default_lr = 3e-3          # paper scripts (T5 on GLUE); side methods want ~10x full fine-tuning's
-    r: int = 8
-    gate_temperature: float = 0.1
-    keep_layers: tuple[int, ...] | None = None
-    init: str = "magnitude"
-    fisher_samples: int = 1024
-    dropout: float = 0.1
-    attention: str = "auto"
-    attention_dropout: float | None = None
-    side_heads: int | None = None
     tap_storage: str = "bf16"
-    trunk_dropout: bool = True
 
     def validate(self):
         check(self.r >= 1, f"lst.r must be a positive integer (the side network is d/r wide), got {self.r}")
@@ -79,14 +80,7 @@ class LSTConfig(TrunkCacheOptions, MethodConfig):
         check(self.init in INITS, f"lst.init must be one of {', '.join(INITS)}; got {self.init!r}")
         check(self.fisher_samples >= 1, f"lst.fisher_samples must be >= 1, got {self.fisher_samples}")
         check(0 <= self.dropout < 1, f"lst.dropout must be in [0, 1), got {self.dropout}")
-        check(self.attention in ("auto", "eager", "sdpa"),
-              f"lst.attention must be auto, eager or sdpa, got {self.attention!r}")
-        check(self.attention_dropout is None or 0 <= self.attention_dropout < 1,
-              f"lst.attention_dropout must be none or in [0, 1), got {self.attention_dropout}")
-        check(self.side_heads is None or self.side_heads >= 1,
-              f"lst.side_heads must be a positive head count (or none for the backbone's), got {self.side_heads}")
-        check(self.tap_storage in TAP_STORAGES,
-              f"lst.tap_storage must be one of {', '.join(TAP_STORAGES)}, got {self.tap_storage!r}")
+        self.validate_side_options()
         self.validate_trunk_cache()
         if self.keep_layers is not None:
             keep = self.keep_layers

@@ -1,4 +1,4 @@
-"""T5 text-to-text output of LST (docs/methods/lst.md §4): LM logits through the tied embedding, and decoding.
+"""Text-to-text decoding with LST on an encoder-decoder (T5; docs/methods/lst.md §4): greedy or beam search.
 
 Both decoders keep their own KV cache: the backbone decoder (self-attention over the generated tokens,
 cross-attention to the backbone encoder output) and the side decoder (self-attention, cross-attention
@@ -14,22 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from ...backbones import UnsupportedModel
-
-
-def t5_lm_logits(model, o: torch.Tensor) -> torch.Tensor:
-    """o: …×d up-projected side decoder output → …×V logits, LMHead(o·d^-1/2) with the tied embedding."""
-    bb = model.backbone
-    if bb.family != "t5":
-        raise UnsupportedModel("lst: lm_logits(o) is the T5 text-to-text head; decoders use the backbone's "
-                               "lm_logits, encoders have none")
-    cfg = bb.config
-    if not getattr(cfg, "scale_decoder_outputs", True):
-        raise UnsupportedModel("lst: this T5 checkpoint has an untied LM head (e.g. T5 v1.1), which T5Model "
-                               "does not keep; text-to-text logits need the tied embedding")
-    return F.linear(o * cfg.d_model ** -0.5, bb.model.shared.weight)
 
 
 def _new_cache(config) -> EncoderDecoderCache:
@@ -37,15 +23,15 @@ def _new_cache(config) -> EncoderDecoderCache:
 
 
 @torch.no_grad()
-def t5_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
-                stop_at_eos: bool = True) -> torch.Tensor:
+def text_to_text_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
+                          stop_at_eos: bool = True) -> torch.Tensor:
     """Returns B×(1+n) token ids starting with the decoder start token (padding after EOS).
 
     Runs in eval mode (restored afterwards). num_beams = 1 is greedy decoding.
     """
-    bb = model.backbone
-    if bb.family != "t5":
-        raise UnsupportedModel("lst: generate is implemented for the T5 family (text-to-text)")
+    if not model.backbone.is_encoder_decoder:
+        raise UnsupportedModel(f"lst: generate is implemented for encoder-decoder backbones (text-to-text), "
+                               f"not {model.backbone.family}")
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError(f"lst.generate: num_beams and max_new_tokens must be >= 1, got {num_beams}, "
                          f"{max_new_tokens}")
@@ -60,7 +46,6 @@ def t5_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20,
 def _decode(model, input_ids, attention_mask, max_new_tokens, k, stop_at_eos):
     bb = model.backbone
     cfg = bb.config
-    dec = bb.model.decoder
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     B = input_ids.shape[0]
@@ -69,32 +54,20 @@ def _decode(model, input_ids, attention_mask, max_new_tokens, k, stop_at_eos):
 
     enc_taps, ctx = model.encoder_taps({"input_ids": input_ids, "attention_mask": attention_mask})
     s_enc = model.side_encode(enc_taps, ctx).repeat_interleave(k, 0)        # (B·k)×Ts×d'
-    memory = ctx["memory"].repeat_interleave(k, 0)                          # (B·k)×Ts×d
-    mask = attention_mask.repeat_interleave(k, 0)                           # (B·k)×Ts
-    side_ctx = {"token_mask": mask}
-    bb_cache, side_cache = _new_cache(dec.config), _new_cache(model.side_configs["decoder"])
-    keep = model.stacks["decoder"].keep
+    beams_ctx = {"memory": ctx["memory"].repeat_interleave(k, 0),          # (B·k)×Ts×d
+                 "token_mask": attention_mask.repeat_interleave(k, 0)}      # (B·k)×Ts
+    bb_cache = _new_cache(bb.stack_config(decoder=True))
+    side_cache = _new_cache(model.side_configs["decoder"])
 
     ids = torch.full((B * k, 1), start, dtype=torch.long, device=input_ids.device)
     scores = torch.zeros(B, k, device=input_ids.device)
     scores[:, 1:] = float("-inf")                                           # beams start as copies: use one
     finished = torch.zeros(B * k, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        # Backbone decoder, one new position, reading its cache.
-        e = dec.embed_tokens(ids[:, -1:])                                   # (B·k)×1×d
-        h = dec.dropout(e)
-        self_mask = create_causal_mask(config=dec.config, inputs_embeds=h, attention_mask=None,
-                                       past_key_values=bb_cache.self_attention_cache)
-        cross_mask = create_bidirectional_mask(config=dec.config, inputs_embeds=h, attention_mask=mask,
-                                               encoder_hidden_states=memory)
-        taps, bias, cross_bias = {"embed": e}, None, None
-        for i in range(keep[-1] + 1):
-            h, bias, cross_bias = bb.decoder_blocks[i](h, self_mask, bias, memory, cross_mask, cross_bias,
-                                                      past_key_values=bb_cache)
-            if i in keep:
-                taps[i] = h
-        o = model.side_decode(taps, s_enc, side_ctx, cache=side_cache)      # (B·k)×1×d
-        logp = F.log_softmax(t5_lm_logits(model, o[:, -1]).float(), dim=-1)  # (B·k)×V
+        # Both decoders, one new position, reading their caches.
+        taps = model.decoder_taps({"decoder_input_ids": ids[:, -1:]}, beams_ctx, cache=bb_cache)
+        o = model.side_decode(taps, s_enc, beams_ctx, cache=side_cache)      # (B·k)×1×d
+        logp = F.log_softmax(model.lm_logits(o[:, -1]).float(), dim=-1)      # (B·k)×V
         if stop_at_eos:
             logp[finished] = float("-inf")
             logp[finished, pad] = 0.0

@@ -30,35 +30,37 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
+from ...backbones import UnsupportedModel
 from ..base import MemtuneModel, check
 from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
 from .fisher import fisher_importance
 from .prune import Pruner, embedding_dims
-from .side import SideStack, family_init, make_block, side_config, small_normal_
+from .side import SideStack, small_normal_
+
+
+def side_stacks(backbone) -> dict[str, bool]:
+    """Side stack name → whether it mirrors the backbone's decoder stack (the second stack of an
+    encoder-decoder). A single-stack backbone has one side stack, named after its kind."""
+    if backbone.is_encoder_decoder:
+        return {"encoder": False, "decoder": True}
+    return {"decoder" if "decoder" in backbone.capabilities else "encoder": False}
 
 
 class LSTModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
-        self.freeze_backbone()
-        self.family = backbone.family
         self._check_options(backbone, config)
         ref = next(backbone.parameters())
         self.stacks = nn.ModuleDict()
         self.side_configs: dict = {}
+        self.mirrors_decoder = side_stacks(backbone)             # side stack name → mirrors the decoder stack
+        depth = min(len(self._backbone_blocks(name)) for name in self.mirrors_decoder)
+        keep = config.kept(depth)                                # T5: the same K in both stacks
         with torch.device(ref.device):
-            if self.family == "t5":
-                model = backbone.model
-                keep = config.kept(min(len(backbone.blocks), len(backbone.decoder_blocks)))
-                self._add_stack("encoder", model.encoder.config, backbone.blocks, keep)
-                self._add_stack("decoder", model.decoder.config, backbone.decoder_blocks, keep)
-            elif self.family == "llama":
-                self._add_stack("decoder", backbone.config, backbone.blocks, config.kept(backbone.num_layers))
-                self.rotary = type(backbone.decoder.rotary_emb)(self.side_configs["decoder"])
-            else:
-                self._add_stack("encoder", backbone.config, backbone.blocks, config.kept(backbone.num_layers))
+            for name in self.mirrors_decoder:
+                self._add_stack(name, keep)
+            self.rotary = backbone.make_side_rotary(self.side_configs[self._output_name])
             d_side = next(iter(self.stacks.values())).ladders["embed"].out_features
             self.up = small_normal_(nn.Linear(d_side, backbone.hidden_size))     # W_up: d' → d
         self.stacks.to(ref.dtype)
@@ -70,23 +72,16 @@ class LSTModel(MemtuneModel):
         self.trunk_cache = config.make_trunk_cache()
 
     def _check_options(self, backbone, config):
-        mpnet = getattr(backbone, "is_mpnet", False)
-        heads = getattr(backbone.config, "num_attention_heads", getattr(backbone.config, "num_heads", None))
-        if config.side_heads is not None and config.side_heads != heads:
-            check(self.family in ("bert", "vit") and not mpnet,
-                  f"lst.side_heads={config.side_heads}: another head count than the backbone's ({heads}) is "
-                  f"supported for bert (not MPNet, whose relative bias has H heads) and vit backbones only")
+        config.check_side_heads(backbone)
         if config.cache_trunk:
-            check(self.family != "t5", "lst.cache_trunk is supported for bert, vit and llama backbones, not t5")
+            check(not backbone.is_encoder_decoder,
+                  f"lst.cache_trunk is supported for single-stack backbones, not {backbone.family}")
             check_trunk_deterministic("lst", [backbone], config.trunk_dropout)
 
     @property
     def side_attention(self) -> str:
         """The side blocks' kernel after resolving "auto": sdpa where the side block class has a fused path."""
-        a = self.method_config.attention
-        if a != "auto":
-            return a
-        return "eager" if self.family == "t5" or getattr(self.backbone, "is_mpnet", False) else "sdpa"
+        return self.method_config.side_kernel(self.backbone)
 
     @property
     def cache_bytes(self) -> int:
@@ -95,43 +90,33 @@ class LSTModel(MemtuneModel):
 
     # -- construction ----------------------------------------------------------------------------------------
     @property
+    def _output_name(self) -> str:
+        return "decoder" if "decoder" in self.mirrors_decoder else "encoder"
+
+    @property
     def output_stack(self) -> SideStack:
-        return self.stacks["decoder" if "decoder" in self.stacks else "encoder"]
+        return self.stacks[self._output_name]
 
-    def _add_stack(self, name, stack_config, blocks, keep):
+    def _backbone_blocks(self, name: str) -> nn.ModuleList:
         bb = self.backbone
-        mc = self.method_config
-        attention = self.side_attention
-        attn_p = mc.attention_dropout
-        if attn_p is None:
-            attn_p = 0.0 if attention == "sdpa" else mc.dropout     # a dropout > 0 defeats the fused kernel
-        cfg = side_config(self.family, stack_config, mc.r, mc.dropout, keep, is_dinov2=getattr(bb, "is_dinov2", False),
-                          attention=attention, attention_dropout=attn_p, heads=mc.side_heads)
-        self.side_configs[name] = cfg
-        cls = type(blocks[0])
-        # T5: the first kept side block owns the stack's 32×H relative-position table.
-        side_blocks = [make_block(cls, cfg, j, has_relative_attention_bias=(j == 0)) for j in range(len(keep))]
-        if self.family == "t5":
-            final = getattr(bb.model, name).final_layer_norm
-            d_side = cfg.d_model
-            norm = type(final)(d_side, eps=cfg.layer_norm_epsilon)
-        elif self.family == "llama":
-            d_side = cfg.hidden_size
-            norm = type(bb.decoder.norm)(d_side, eps=cfg.rms_norm_eps)
-        elif self.family == "vit":
-            d_side = cfg.hidden_size
-            norm = nn.LayerNorm(d_side, eps=cfg.layer_norm_eps)
-        else:
-            # BERT-like blocks are post-LN (each ends in a LayerNorm) and the backbone has no final
-            # norm, so the side has none either.
-            d_side = cfg.hidden_size
-            norm = nn.Identity()
-        for m in [*side_blocks, norm]:
-            family_init(bb.model, cfg, m)
-        self.stacks[name] = SideStack(bb.hidden_size, d_side, len(blocks), keep, side_blocks, norm,
-                                      mc.dropout, mc.gate_temperature, mc.tap_storage)
+        return bb.decoder_blocks if self.mirrors_decoder[name] else bb.blocks
 
-    # -- pruned-weight initialisation (docs/methods/lst.md §8) ----------------------------------------------------------------
+    def _add_stack(self, name, keep):
+        bb, mc = self.backbone, self.method_config
+        decoder = self.mirrors_decoder[name]
+        attention = self.side_attention
+        cfg = bb.side_config(bb.stack_config(decoder), mc.r, keep=keep, dropout=mc.dropout, attention=attention,
+                             attention_dropout=mc.side_attention_dropout(attention, mc.dropout),
+                             heads=mc.side_heads)
+        self.side_configs[name] = cfg
+        side_blocks = [bb.make_side_block(cfg, j, decoder) for j in range(len(keep))]
+        norm = bb.side_norm(cfg.hidden_size, cfg)
+        for m in [*side_blocks, norm]:
+            bb.init_side_weights(m, cfg)
+        self.stacks[name] = SideStack(bb.hidden_size, cfg.hidden_size, len(self._backbone_blocks(name)), keep,
+                                      side_blocks, norm, mc.dropout, mc.gate_temperature, mc.tap_storage)
+
+    # -- pruned-weight initialisation (docs/methods/lst.md §8) ------------------------------------------------
     def init_from_importance(self, importance) -> dict:
         """Re-initialise the side blocks and final norms from the pruned backbone.
 
@@ -141,25 +126,14 @@ class LSTModel(MemtuneModel):
         """
         pr = Pruner(self, importance)
         bb = self.backbone
-        model = bb.model
         for name, stack in self.stacks.items():
-            d_side = stack.ladders["embed"].out_features
-            if self.family == "t5":
-                stack_model = getattr(model, name)
-                emb, blocks, final = model.shared.weight, stack_model.block, stack_model.final_layer_norm
-            elif self.family == "llama":
-                emb, blocks, final = bb.decoder.embed_tokens.weight, bb.blocks, bb.decoder.norm
-            elif self.family == "vit":
-                emb, blocks, final = model.embeddings.patch_embeddings.projection.weight, bb.blocks, model.layernorm
-            else:
-                emb, blocks, final = model.embeddings.word_embeddings.weight, bb.blocks, None
-            P = embedding_dims(pr.imp(emb), d_side)
-            side_blocks = {i: stack.block(i) for i in stack.keep}
-            P = pr.stack(self.family, blocks, side_blocks, P)
+            blocks = self._backbone_blocks(name)
+            final = bb.decoder_norm if self.mirrors_decoder[name] else bb.final_norm
+            P = embedding_dims(pr.imp(bb.pruning_embedding), stack.ladders["embed"].out_features)
+            P = pr.stack(bb, blocks, {i: stack.block(i) for i in stack.keep}, P)
             if final is not None:
                 pr.vector(stack.norm, final, P)
-            if self.family == "t5":
-                table = "layer.0.SelfAttention.relative_attention_bias.weight"
+            for table in bb.side_shared_tables:
                 pr.copy(stack.block(stack.keep[0]).get_parameter(table), blocks[0].get_parameter(table))
         self.pruning_records = pr.records
         return pr.records
@@ -198,146 +172,95 @@ class LSTModel(MemtuneModel):
     @torch.no_grad()
     def backbone_taps(self, batch):
         """Backbone pass without autograd. Returns (taps, ctx): taps[stack] = {"embed": e (B×T×d),
-        i: output of block i (B×T×d) for i in K}. T5 adds the decoder stack and ctx["memory"].
+        i: output of block i (B×T×d) for i in K}. Encoder-decoders add the decoder stack and ctx["memory"].
 
-        Bert/vit/llama with a trunk cache (training): the block outputs are replayed from it where stored, and
-        padded rows of the taps are zero (the cache keeps real rows only; real rows are the same either way,
-        since real tokens never attend to padded keys).
+        Single-stack backbones with a trunk cache (training): the block outputs are replayed from it where
+        stored, and padded rows of the taps are zero (the cache keeps real rows only; real rows are the same
+        either way, since real tokens never attend to padded keys).
         """
         bb = self.backbone
-        if self.family == "t5":
-            with trunk_eval_mode(bb, not self.method_config.trunk_dropout):
-                return self._t5_taps(batch)
-        keep = self.output_stack.keep
         with trunk_eval_mode(bb, not self.method_config.trunk_dropout):
+            if bb.is_encoder_decoder:
+                enc, ctx = self.encoder_taps(batch)
+                return {"encoder": enc, "decoder": self.decoder_taps(batch, ctx)}, ctx
+            keep = self.output_stack.keep
             h, ctx = bb.embed(batch)
             mask = ctx.get("token_mask")
             cache = self.trunk_cache if self.training else None
             real = (None if cache is None or mask is None or bool(mask.all())
                     else mask.to(h.dtype).unsqueeze(-1))     # B×T×1
 
-            def zero_padded(t):
-                return t if real is None else t * real
-
             def compute():                                   # [h_i for i in K], each B×T×d
-                x, outs = h, []
-                for i in range(keep[-1] + 1):
-                    x = bb.run_block(i, x, ctx)
-                    if i in keep:
-                        outs.append(zero_padded(x))
-                return outs
+                return bb.forward_intermediates(h, ctx, keep, row_mask=real)[1]
 
             outs = cached_trunk(cache, batch, mask, bb.input_keys, compute, h)
-        taps = {"embed": zero_padded(h), **dict(zip(keep, outs))}
-        return {self._single_name: taps}, ctx
-
-    @property
-    def _single_name(self):
-        return "decoder" if self.family == "llama" else "encoder"
-
-    def _t5_taps(self, batch):
-        enc, ctx = self.encoder_taps(batch)
-        return {"encoder": enc, "decoder": self.decoder_taps(batch, ctx)}, ctx
+        taps = {"embed": h if real is None else h * real, **dict(zip(keep, outs))}
+        return {self._output_name: taps}, ctx
 
     @torch.no_grad()
     def encoder_taps(self, batch):
-        """T5 backbone encoder without autograd: ({"embed": e, i: h_i for i in K}, ctx with "memory")."""
+        """Encoder stack of an encoder-decoder without autograd: ({"embed": e, i: h_i for i in K}, ctx with
+        "memory", the finished encoder output B×Ts×d)."""
         bb = self.backbone
         h, ctx = bb.embed(batch)
         # W0 reads e itself, before the backbone's embedding dropout (docs/methods/lst.md §3: an independent draw).
-        taps = {"embed": bb.model.encoder.embed_tokens(batch["input_ids"])}
+        taps = {"embed": bb.raw_embedding(batch["input_ids"])}
         keep = self.stacks["encoder"].keep
-        for i in range(bb.num_layers):              # to the end: the backbone decoder reads the output
-            h = bb.run_block(i, h, ctx)
-            if i in keep:
-                taps[i] = h
+        # To the end: the backbone decoder reads the output.
+        h, outs = bb.forward_intermediates(h, ctx, keep, stop=bb.num_layers)
+        taps.update(zip(keep, outs))
         ctx["memory"] = bb.finish_encoder(h)        # B×Ts×d
         return taps, ctx
 
     @torch.no_grad()
-    def decoder_taps(self, batch, ctx):
-        """T5 backbone decoder (teacher-forced, cross-attending to ctx["memory"]) without autograd."""
+    def decoder_taps(self, batch, ctx, cache=None):
+        """Decoder stack of an encoder-decoder (teacher-forced on the batch's decoder ids, cross-attending to
+        ctx["memory"]) without autograd: {"embed": e, i: g_i for i in K}. cache: the backbone decoder's KV
+        cache when decoding new tokens."""
         bb = self.backbone
-        g, dctx = bb.decoder_embed(batch, ctx["memory"], ctx["token_mask"])
-        taps = {"embed": bb.model.decoder.embed_tokens(bb.decoder_ids(batch))}
+        g, dctx = bb.decoder_embed(batch, ctx["memory"], ctx["token_mask"], cache)
+        taps = {"embed": bb.raw_embedding(bb.decoder_ids(batch), decoder=True)}
         keep = self.stacks["decoder"].keep
-        for i in range(keep[-1] + 1):
-            g = bb.run_decoder_block(i, g, dctx)
-            if i in keep:
-                taps[i] = g
+        _, outs = bb.forward_intermediates(g, dctx, keep, decoder=True)
+        taps.update(zip(keep, outs))
         return taps
 
     # -- the side network -----------------------------------------------------------------------------------------
-    def side_forward(self, taps, ctx, consume: bool = False) -> torch.Tensor:
-        """The trainable path on (detached) taps: B×T×d up-projected side output (T5: decoder's).
-
-        consume=True removes each tap from `taps` once its ladder has read it, so a tap that the ladder
-        keeps in a compact form (tap_storage bf16/int8) is freed during the forward."""
-        if self.family == "t5":
-            s_enc = self.side_encode(taps["encoder"], ctx)
-            return self.side_decode(taps["decoder"], s_enc, ctx)
-        name = self._single_name
-        stack, taps = self.stacks[name], taps[name]
+    def _run_stack(self, name: str, taps: dict, make_context, consume: bool = False) -> torch.Tensor:
+        """Side stack `name` on its taps: s = W0·drop(e), then ladder + side block for each kept layer;
+        returns drop(Norm_side(s)), B×T×d'. make_context(s) gives the side blocks' context."""
+        bb, stack = self.backbone, self.stacks[name]
         take = taps.pop if consume else taps.__getitem__
         s = stack.start(take("embed"))                                       # B×T×d'
-        sctx = self._side_context(s, ctx)
+        sctx = make_context(s)
         for i in stack.keep:
-            s = self._run_side_block(stack.block(i), stack.fuse(i, s, take(i)), sctx)
-        return self.up(stack.finish(s))                                      # B×T×d
-
-    @torch.no_grad()
-    def _side_context(self, s, ctx):
-        cfg = self.side_configs[self._single_name]
-        if self.family == "bert":
-            out = {"mask": create_bidirectional_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"])}
-            if "position_bias" in ctx:
-                # MPNet: H is kept (side_heads is refused), so the backbone's B×H×T×T bias fits the side heads.
-                out["position_bias"] = ctx["position_bias"]
-            return out
-        if self.family == "llama":
-            pos = ctx["position_ids"]
-            return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"],
-                                               past_key_values=None, position_ids=pos),
-                    "rope": self.rotary(s, pos), "pos": pos}
-        return {}
-
-    def _run_side_block(self, block, s, sctx):
-        if self.family == "bert":
-            if "position_bias" in sctx:
-                return block(s, sctx["mask"], sctx["position_bias"])[0]
-            out = block(s, attention_mask=sctx["mask"])
-            return out[0] if isinstance(out, tuple) else out
-        if self.family == "llama":
-            return block(s, attention_mask=sctx["mask"], position_embeddings=sctx["rope"], position_ids=sctx["pos"])
-        return block(s)
-
-    def side_encode(self, taps, ctx) -> torch.Tensor:
-        """T5 side encoder: s_enc = drop(Norm_side_enc(s)), B×Ts×d'."""
-        stack = self.stacks["encoder"]
-        s = stack.start(taps["embed"])
-        with torch.no_grad():
-            mask = create_bidirectional_mask(config=self.side_configs["encoder"], inputs_embeds=s,
-                                             attention_mask=ctx["token_mask"])
-        bias = None                                  # B×H×Ts×Ts, made by the first kept side block
-        for i in stack.keep:
-            s, bias, _ = stack.block(i)(stack.fuse(i, s, taps[i]), mask, bias)
+            s = bb.run_side_block(stack.block(i), stack.fuse(i, s, take(i)), sctx)
         return stack.finish(s)
 
+    def side_forward(self, taps, ctx, consume: bool = False) -> torch.Tensor:
+        """The trainable path on (detached) taps: B×T×d up-projected side output (encoder-decoders: the
+        decoder's).
+
+        consume=True (single stack) removes each tap from `taps` once its ladder has read it, so a tap that
+        the ladder keeps in a compact form (tap_storage bf16/int8) is freed during the forward."""
+        if self.backbone.is_encoder_decoder:
+            s_enc = self.side_encode(taps["encoder"], ctx)
+            return self.side_decode(taps["decoder"], s_enc, ctx)
+        name, cfg = self._output_name, self.side_configs[self._output_name]
+        return self.up(self._run_stack(name, taps[name], lambda s: self.backbone.side_context(s, ctx, cfg, self.rotary),
+                                       consume))                             # B×T×d
+
+    def side_encode(self, taps, ctx) -> torch.Tensor:
+        """Side encoder: s_enc = drop(Norm_side_enc(s)), B×Ts×d'."""
+        cfg = self.side_configs["encoder"]
+        return self._run_stack("encoder", taps, lambda s: self.backbone.side_context(s, ctx, cfg))
+
     def side_decode(self, taps, s_enc, ctx, cache=None) -> torch.Tensor:
-        """T5 side decoder: cross-attends to s_enc only. Returns o = W_up·drop(Norm(s_dec)) + b_up, B×Tt×d."""
-        stack = self.stacks["decoder"]
+        """Side decoder: cross-attends to s_enc only. Returns o = W_up·drop(Norm(s_dec)) + b_up, B×Tt×d.
+        cache: the side decoder's own KV cache when decoding new tokens."""
         cfg = self.side_configs["decoder"]
-        s = stack.start(taps["embed"])
-        with torch.no_grad():
-            self_mask = create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=None,
-                                           past_key_values=cache.self_attention_cache if cache is not None else None)
-            cross_mask = create_bidirectional_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"],
-                                                   encoder_hidden_states=s_enc)
-        bias = cross_bias = None
-        for i in stack.keep:
-            s, bias, cross_bias = stack.block(i)(stack.fuse(i, s, taps[i]), self_mask, bias, s_enc, cross_mask,
-                                                 cross_bias, past_key_values=cache)
-        return self.up(stack.finish(s))
+        return self.up(self._run_stack("decoder", taps, lambda s: self.backbone.side_decoder_context(
+            s, s_enc, ctx["token_mask"], cfg, cache)))
 
     # -- MemtuneModel --------------------------------------------------------------------------------------------
     def features(self, batch):
@@ -351,17 +274,18 @@ class LSTModel(MemtuneModel):
             return out
         return self.backbone.pool(out, ctx)
 
-    # -- T5 text-to-text -------------------------------------------------------------------------------------------
+    # -- text-to-text (encoder-decoders) ----------------------------------------------------------------------------
     def lm_logits(self, o: torch.Tensor) -> torch.Tensor:
-        """T5: logits = LMHead_frozen(o·d^-1/2) through the tied input embedding (docs/methods/lst.md §4). B×Tt×V."""
-        from .generate import t5_lm_logits
-
-        return t5_lm_logits(self, o)
+        """logits = LMHead_frozen(o·d^-1/2) through the tied input embedding (docs/methods/lst.md §4). B×Tt×V."""
+        if not self.backbone.is_encoder_decoder:
+            raise UnsupportedModel("lst: lm_logits(o) is the text-to-text head of encoder-decoders (T5); decoders "
+                                   "use the backbone's lm_logits, encoders have none")
+        return self.backbone.tied_lm_logits(o)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
                  stop_at_eos: bool = True):
-        """T5 text-to-text decoding with the LST output (greedy, or beam search with num_beams > 1).
+        """Text-to-text decoding with the LST output (greedy, or beam search with num_beams > 1).
         Returns B×(1+n) ids starting with the decoder start token."""
-        from .generate import t5_generate
+        from .generate import text_to_text_generate
 
-        return t5_generate(self, input_ids, attention_mask, max_new_tokens, num_beams, stop_at_eos)
+        return text_to_text_generate(self, input_ids, attention_mask, max_new_tokens, num_beams, stop_at_eos)

@@ -4,14 +4,14 @@ Side block i starts from backbone block i, structurally pruned in one shot:
 
 1. Embedding: keep the d' feature dims with the largest importance summed over the vocabulary (for a
    ViT patch embedding: over channels and pixels). That index set is P.
-2. Per block, in order, a chain of steps (`plan`):
-   - `Vec`: 1-D parameters of the residual width (norms, layer scales) take P;
-   - `Group`: input projections (q, k, v; or wi; or gate, up) drop their input columns ∉ P and keep the
+2. Per block, in order, a chain of steps (the backbone's `pruning_plan`):
+   - `PruneVector`: 1-D parameters of the residual width (norms, layer scales) take P;
+   - `PruneGroup`: input projections (q, k, v; or wi; or gate, up) drop their input columns ∉ P and keep the
      SAME top rows, ranked by ‖I_1[j] ⊙ I_2[j] ⊙ …‖₁ over the kept columns; the output projection takes
      those rows as its columns and keeps its own top rows by ‖I_o[j]‖₁, which become the new P.
      Biases follow their rows.
-3. The final norm takes P; T5's 32×H relative-position table is copied unpruned from backbone block 0
-   into the first kept side block (H is kept).
+3. The final norm takes P; the backbone's `side_shared_tables` (T5's 32×H relative-position table) are
+   copied unpruned from backbone block 0 into the first kept side block (H is kept).
 
 Choices (documented where the paper is silent; docs/methods/lst.md §8):
 - Rows are ranked globally over H·d_kv ("per dimension"); kept rows stay in their original order and
@@ -27,97 +27,21 @@ Choices (documented where the paper is silent; docs/methods/lst.md §8):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ...backbones import UnsupportedModel
+from ...backbones.side_network import PruneGroup, PruneVector
 
 Importance = Callable[[str, torch.Tensor], torch.Tensor]   # (backbone param name, param) → I, same shape
 
 
-@dataclass(frozen=True)
-class Vec:
-    """1-D parameters (paths relative to the block) sliced by the current residual index set P."""
-    params: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Group:
-    """Input projections sharing rows, and the output projection whose kept rows become the new P.
-    `heads` = (H, KV, d_kv) asks for the head-structured (grouped-KV) selection."""
-    inputs: tuple[str, ...]
-    output: str
-    heads: tuple[int, int, int] | None = None
-
-
-# -- per-family block plans ---------------------------------------------------------------------------------
-def _has(block: nn.Module, path: str) -> bool:
+def plan(backbone, block: nn.Module) -> list[PruneVector | PruneGroup]:
+    """The backbone's pruning chain for one of its blocks (`Backbone.pruning_plan`)."""
     try:
-        block.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def _norm(block, path) -> Vec:
-    m = block.get_submodule(path)
-    return Vec(tuple(f"{path}.{n}" for n, _ in m.named_parameters(recurse=False)))
-
-
-def _t5_plan(block) -> list:
-    ff_index = len(block.layer) - 1
-    ff = f"layer.{ff_index}.DenseReluDense"
-    ff_in = (f"{ff}.wi_0", f"{ff}.wi_1") if _has(block, f"{ff}.wi_0") else (f"{ff}.wi",)
-    steps = [_norm(block, "layer.0.layer_norm"),
-             Group(tuple(f"layer.0.SelfAttention.{x}" for x in "qkv"), "layer.0.SelfAttention.o")]
-    if ff_index == 2:   # decoder: cross-attention in the same chain (its k/v columns too, docs/methods/lst.md §8)
-        steps += [_norm(block, "layer.1.layer_norm"),
-                  Group(tuple(f"layer.1.EncDecAttention.{x}" for x in "qkv"), "layer.1.EncDecAttention.o")]
-    return steps + [_norm(block, f"layer.{ff_index}.layer_norm"), Group(ff_in, f"{ff}.wo")]
-
-
-def _bert_plan(block) -> list:
-    if _has(block, "attention.attn"):   # MPNet
-        attn = Group(("attention.attn.q", "attention.attn.k", "attention.attn.v"), "attention.attn.o")
-        attn_norm = "attention.LayerNorm"
-    else:
-        attn = Group(("attention.self.query", "attention.self.key", "attention.self.value"),
-                     "attention.output.dense")
-        attn_norm = "attention.output.LayerNorm"
-    # Post-LN: each norm follows its sub-layer's output projection, so it takes the new P.
-    return [attn, _norm(block, attn_norm), Group(("intermediate.dense",), "output.dense"),
-            _norm(block, "output.LayerNorm")]
-
-
-def _vit_plan(block) -> list:
-    attn = Group(("attention.q_proj", "attention.k_proj", "attention.v_proj"), "attention.o_proj")
-    if _has(block, "norm1"):   # DINOv2: layer scales after each sub-layer
-        mlp = (Group(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj") if _has(block, "mlp.gate_proj")
-               else Group(("mlp.fc1",), "mlp.fc2"))
-        return [_norm(block, "norm1"), attn, Vec(("layer_scale1.lambda1",)),
-                _norm(block, "norm2"), mlp, Vec(("layer_scale2.lambda1",))]
-    return [_norm(block, "layernorm_before"), attn, _norm(block, "layernorm_after"),
-            Group(("mlp.fc1",), "mlp.fc2")]
-
-
-def _llama_plan(block) -> list:
-    a = block.self_attn
-    heads = (a.config.num_attention_heads, a.config.num_key_value_heads, a.head_dim)
-    return [_norm(block, "input_layernorm"),
-            Group(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", heads),
-            _norm(block, "post_attention_layernorm"),
-            Group(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")]
-
-
-PLANS = {"t5": _t5_plan, "bert": _bert_plan, "vit": _vit_plan, "llama": _llama_plan}
-
-
-def plan(family: str, block: nn.Module) -> list:
-    try:
-        return PLANS[family](block)
+        return backbone.pruning_plan(block)
     except AttributeError as e:
         raise UnsupportedModel(f"lst: cannot prune a {type(block).__name__} block for the side network "
                                f"initialisation ({e}); use init='random'") from None
@@ -195,13 +119,14 @@ class Pruner:
         if src.bias is not None and dst.bias is not None:
             self.copy(dst.bias, src.bias, rows)
 
-    def stack(self, family: str, blocks, side_blocks: dict[int, nn.Module], P: torch.Tensor) -> torch.Tensor:
-        """Run the chain through every backbone block; copy into the side blocks that exist. Returns P."""
+    def stack(self, backbone, blocks, side_blocks: dict[int, nn.Module], P: torch.Tensor) -> torch.Tensor:
+        """Run the chain through every block of a backbone stack; copy into the side blocks that exist.
+        Returns P."""
         template = next(iter(side_blocks.values()))     # all side blocks share one shape
         for i, bb in enumerate(blocks):
             side = side_blocks.get(i)
-            for step in plan(family, bb):
-                if isinstance(step, Vec):
+            for step in plan(backbone, bb):
+                if isinstance(step, PruneVector):
                     for n in step.params:
                         if side is not None:
                             self.copy(side.get_parameter(n), bb.get_parameter(n), P)

@@ -23,8 +23,7 @@ from .calibrate import ReconstructionReport
 from .config import MEFT1Config, MEFT2Config, MEFT3Config, MEFTConfig, ReversibleAdapterConfig
 from .model import MEFTModel
 
-for _cls in (MEFTConfig, MEFT1Config, MEFT2Config, MEFT3Config):
-    _cls.model_class = MEFTModel
+MEFTConfig.model_class = MEFTModel              # MEFT1Config, MEFT2Config and MEFT3Config inherit it
 
 
 def reconstruction_error(model, batch, segment_layers: int | None = None) -> ReconstructionReport:

@@ -67,11 +67,12 @@ class MEFTConfig(MethodConfig):
                        consecutive stream states is one residual branch. Measured on SmolLM2-135M, LM loss at
                        init 5.00 for the PLM: paper coupling 10.9 (MEFT1) / 24.3 (MEFT3), difference 5.10 /
                        4.94. Invertibility is unchanged (F just has an extra linear term). "auto": paper for
-                       post-LN BERT (its LayerNorm bounds the term), difference for pre-norm ViT and Llama.
+                       post-LN blocks (BERT: the LayerNorm bounds the term), difference for pre-norm ones (ViT,
+                       Llama).
     """
 
     name = "meft"
-    families = ("bert", "vit", "llama")
+    requires = ("sublayers",)
     fixed_variant: ClassVar[Optional[int]] = None
 
     variant: int = 1

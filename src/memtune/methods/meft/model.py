@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from ..base import ConfigError, MemtuneModel, check
+from ..base import MemtuneModel, check
 from .calibrate import (FLOOR_FACTOR, ReconstructionReport, choose_segments, describe_segments, evaluate,
                         exact_states, uniform_segments)
 from .coupling import LayerAdapters, TwoStream
@@ -29,11 +29,6 @@ def _fork_rng(x: torch.Tensor):
 class MEFTModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
-        self.freeze_backbone()
-        for name in ("attention_sublayer", "ffn_sublayer"):
-            if not hasattr(backbone, name):
-                raise ConfigError(f"{config.name}: the {backbone.family} backbone has no `{name}`; "
-                                  f"MEFT supports the families {', '.join(config.families)}")
         n_layers = backbone.num_layers
         check(config.frozen_layers < n_layers,
               f"{config.name}.frozen_layers must be below the model's {n_layers} layers, got {config.frozen_layers}")
@@ -70,7 +65,7 @@ class MEFTModel(MemtuneModel):
             self.mix = nn.Parameter(torch.zeros((), device=ref.device, dtype=ref.dtype))
 
         self.coupling = config.coupling if config.coupling != "auto" else (
-            "paper" if backbone.family == "bert" else "difference")
+            "paper" if backbone.norm_position == "post" else "difference")
         # Reversible segments (lists of backbone indices, bottom first); None until measured on a batch.
         self.segments: list[list[int]] | None = (
             uniform_segments(self.reversible_indices, config.segment_layers) if config.segment_layers else None)
@@ -89,8 +84,7 @@ class MEFTModel(MemtuneModel):
         """h₀ (B×T×d) and ctx: embeddings and the `frozen_layers` plain PLM layers, without a graph."""
         with torch.no_grad():
             h, ctx = self.backbone.embed(batch)
-            for i in range(self.first_adapted):
-                h = self.backbone.run_block(i, h, ctx)
+            h, _ = self.backbone.forward_intermediates(h, ctx, stop=self.first_adapted)
         return h, ctx
 
     def run_streams(self, h, ctx):

@@ -5,20 +5,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ...backbones import families_with
 from ..base import MethodConfig, check
-from ..common.compact_linear import TAP_STORAGES
+from ..common.side_options import SideNetworkOptions
 from ..common.trunk_cache import TrunkCacheOptions
 
 DOWNSAMPLES = ("adapter", "linear", "lora", "avgpool", "maxpool")
 POOLS = ("avgpool", "maxpool")
 GATES = ("vector", "scalar")
 MIXES = ("paper", "sigmoid")
-ATTENTIONS = ("auto", "eager", "sdpa")
 DEFAULT_R = 16
 
 
 @dataclass
-class QSTConfig(TrunkCacheOptions, MethodConfig):
+class QSTFields:
+    """QST's own options (documented in QSTConfig), listed before the shared side-network ones."""
+    r: int | None = None
+    k: int = 16
+    downsample: str = "adapter"
+    gate: str = "vector"
+    mix: str = "paper"
+    lambda_init: float = 1.0
+
+
+@dataclass
+class QSTConfig(SideNetworkOptions, QSTFields, TrunkCacheOptions, MethodConfig):
     """Quantized Side Tuning: a frozen (e.g. 4-bit) backbone run without autograd, read at every layer by a
     side network of width d/r, whose output is mixed with the backbone's last hidden state.
 
@@ -78,25 +89,14 @@ class QSTConfig(TrunkCacheOptions, MethodConfig):
     2e-4 moves those too slowly, so `lr_for("bert")` / `lr_for("vit")` give 1e-3: between LoRA's and
     SHERL's 5e-4 and LST's 3e-3, lower than LST's because QST starts at the pretrained model (the side
     path enters through α) rather than from a side network that must first learn to carry the signal.
-    The training loop reads `default_lr` alone (it does not know the family before the model is built),
-    so on encoders pass `--lr 1e-3`.
+    `memtune train` asks `lr_for(family)` when `--lr` is not given (1e-3 for every family without a
+    "decoder" capability).
     """
 
     name = "qst"
-    families = ("bert", "vit", "llama")
+    requires = ("side_network", "single_stack")
     default_lr = 2e-4
     encoder_lr = 1e-3
-    r: int | None = None
-    k: int = 16
-    downsample: str = "adapter"
-    gate: str = "vector"
-    mix: str = "paper"
-    lambda_init: float = 1.0
-    attention: str = "auto"
-    attention_dropout: float | None = None
-    side_heads: int | None = None
-    tap_storage: str = "full"
-    trunk_dropout: bool = True
     side_checkpointing: bool = False
 
     def validate(self):
@@ -108,14 +108,7 @@ class QSTConfig(TrunkCacheOptions, MethodConfig):
         check(self.gate in GATES, f"qst.gate must be one of {', '.join(GATES)}; got {self.gate!r}")
         check(self.mix in MIXES, f"qst.mix must be one of {', '.join(MIXES)}; got {self.mix!r}")
         check(math.isfinite(self.lambda_init), f"qst.lambda_init must be a finite number, got {self.lambda_init}")
-        check(self.attention in ATTENTIONS,
-              f"qst.attention must be one of {', '.join(ATTENTIONS)}; got {self.attention!r}")
-        check(self.attention_dropout is None or 0 <= self.attention_dropout < 1,
-              f"qst.attention_dropout must be none or in [0, 1), got {self.attention_dropout}")
-        check(self.side_heads is None or self.side_heads >= 1,
-              f"qst.side_heads must be a positive head count (or none for the backbone's), got {self.side_heads}")
-        check(self.tap_storage in TAP_STORAGES,
-              f"qst.tap_storage must be one of {', '.join(TAP_STORAGES)}; got {self.tap_storage!r}")
+        self.validate_side_options()
         check(self.tap_storage == "full" or self.downsample not in POOLS,
               f"qst.tap_storage={self.tap_storage} has no effect with downsample={self.downsample} (a pooling "
               f"downsample keeps no backbone tensor for backward); use tap_storage=full")
@@ -123,5 +116,5 @@ class QSTConfig(TrunkCacheOptions, MethodConfig):
 
     @classmethod
     def lr_for(cls, family: str) -> float:
-        """The default learning rate for a backbone family (see the class docstring)."""
-        return cls.default_lr if family == "llama" else cls.encoder_lr
+        """The default learning rate for a backbone family (see the class docstring): `default_lr` for decoders."""
+        return cls.default_lr if family in families_with(("decoder",)) else cls.encoder_lr

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
 
 from ...backbones import UnsupportedModel
 from ..base import ConfigError
@@ -28,7 +27,7 @@ from ..base import ConfigError
 def check_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   max_new_tokens: int) -> torch.Tensor:
     """The B×T 0/1 mask of valid prompts, or a clear error."""
-    if model.backbone.family != "llama" or model.objective != "causal-lm":
+    if not model.backbone.is_causal_lm or model.objective != "causal-lm":
         raise UnsupportedModel("qst: generate needs a Llama-like decoder wrapped for causal LM (num_labels=None); "
                                f"this model is a {model.backbone.family} {model.objective} model")
     if max_new_tokens < 1:
@@ -49,22 +48,12 @@ def decode_step(model, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, b
                 side_cache: DynamicCache) -> torch.Tensor:
     """New tokens x (B×L) at positions pos (B×L), mask B×(past + L) → mixed states o, B×L×d."""
     bb = model.backbone
-    dec = bb.decoder
-    e = dec.embed_tokens(x)                                                    # B×L×d
-    bb_mask = create_causal_mask(config=bb.config, inputs_embeds=e, attention_mask=mask,
-                                 past_key_values=bb_cache, position_ids=pos)
-    bb_rope = dec.rotary_emb(e, position_ids=pos)
+    e, ctx = bb.embed_new_tokens(x, mask, pos, bb_cache)                      # e: B×L×d
     s = model.side.start(e)                                                    # B×L×d'
-    side_mask = create_causal_mask(config=model.side_config, inputs_embeds=s, attention_mask=mask,
-                                   past_key_values=side_cache, position_ids=pos)
-    side_rope = model.rotary(s, pos)
-    h = e
-    for i, block in enumerate(bb.blocks):
-        h = block(h, attention_mask=bb_mask, position_embeddings=bb_rope, position_ids=pos,
-                  past_key_values=bb_cache, use_cache=True)
-        s = model.side.blocks[i](model.side.fuse(i, s, h), attention_mask=side_mask, position_embeddings=side_rope,
-                                 position_ids=pos, past_key_values=side_cache, use_cache=True)
-    return model.mix(bb.finish(h, {}), model.side.finish(s))                  # B×L×d
+    sctx = bb.side_context(s, ctx, model.side_config, model.rotary, cache=side_cache)
+    for i, h in bb.iter_blocks(e, ctx, bb.num_layers):
+        s = bb.run_side_block(model.side.blocks[i], model.side.fuse(i, s, h), sctx)
+    return model.mix(bb.finish(h, ctx), model.side.finish(s))                 # B×L×d
 
 
 @torch.no_grad()

@@ -1,13 +1,12 @@
-"""QST's side network (docs/methods/qst.md §2-§4): widths, the narrowed block config, and the trainable parts.
+"""QST's side network (docs/methods/qst.md §2-§4): the reduction factor, and the trainable parts.
 
 Widths: d' = d/r, FFN ⌊d_ff/r⌋, H and KV heads kept, so the side head width is d/(rH). Unlike LST's
 nearest-width rounding, QST needs d' exactly d/r (the pooling downsample maps r channels to one), so
-r must divide d and d/r must be divisible by H (Llama-like: d/(rH) even, for rotary positions). With
-`side_heads` H' (bert, vit) the side blocks have H' heads of width d/(rH') instead.
+r must divide d and d/r must be divisible by H (and whatever else the backbone's `side_width_problem` asks,
+e.g. an even head width for rotary positions); the config is `Backbone.side_config(..., exact=True)`. With
+`side_heads` H' the side blocks have H' heads of width d/(rH') instead.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
@@ -17,70 +16,28 @@ from .config import DEFAULT_R
 from .downsample import make_downsample
 
 
-def heads_of(config) -> int:
-    return config.num_attention_heads
-
-
-def width_problem(family: str, config, r: int, heads: int | None = None) -> str | None:
-    """Why reduction factor r does not fit this backbone, or None if it does. `heads`: the side head count
-    (None: the backbone's H, kept)."""
-    d = config.hidden_size
-    kept = heads is None
-    heads = heads_of(config) if kept else heads
-    if d % r:
-        return f"d={d} is not divisible by r={r}"
-    if (d // r) % heads:
-        whose = "attention heads (kept from the backbone)" if kept else "side heads (side_heads)"
-        return f"the side width d/r={d // r} is not divisible by the {heads} {whose}"
-    if family == "llama" and (d // r // heads) % 2:
-        return f"the side head width d/(r·H)={d // r // heads} is odd; rotary positions need an even one"
-    return None
-
-
-def fitting_rs(family: str, config, heads: int | None = None) -> list[int]:
+def fitting_rs(backbone, heads: int | None = None) -> list[int]:
     """Every reduction factor that gives valid side widths, smallest first."""
-    return [r for r in range(1, config.hidden_size + 1) if width_problem(family, config, r, heads) is None]
+    return [r for r in range(1, backbone.config.hidden_size + 1) if backbone.side_width_problem(r, heads) is None]
 
 
-def resolve_r(family: str, config, r: int | None, heads: int | None = None) -> tuple[int, str | None]:
+def resolve_r(backbone, r: int | None, heads: int | None = None) -> tuple[int, str | None]:
     """(r to use, a note when the default had to be lowered). An explicit r that does not fit is refused."""
+    problem = backbone.side_width_problem
     if r is not None:
-        problem = width_problem(family, config, r, heads)
-        if problem:
-            fits = [x for x in fitting_rs(family, config, heads) if x <= 64]
-            raise ConfigError(f"qst.r={r} does not fit this {family} backbone: {problem}; "
+        if problem(r, heads):
+            fits = [x for x in fitting_rs(backbone, heads) if x <= 64]
+            raise ConfigError(f"qst.r={r} does not fit this {backbone.family} backbone: {problem(r, heads)}; "
                               f"r values that fit: {', '.join(map(str, fits))}")
         return r, None
-    if width_problem(family, config, DEFAULT_R, heads) is None:
+    if problem(DEFAULT_R, heads) is None:
         return DEFAULT_R, None
-    fits = [x for x in fitting_rs(family, config, heads) if x <= DEFAULT_R]
+    fits = [x for x in fitting_rs(backbone, heads) if x <= DEFAULT_R]
     if not fits:
-        raise ConfigError(f"qst: no reduction factor fits this {family} backbone "
-                          f"({width_problem(family, config, 1, heads)})")
+        raise ConfigError(f"qst: no reduction factor fits this {backbone.family} backbone ({problem(1, heads)})")
     chosen = fits[-1]
-    return chosen, (f"qst: r={DEFAULT_R} does not fit this backbone "
-                    f"({width_problem(family, config, DEFAULT_R, heads)}); using r={chosen}")
-
-
-def side_config(family: str, config, r: int, attention: str = "auto", is_dinov2: bool = False,
-                attention_dropout: float | None = None, heads: int | None = None):
-    """A copy of the backbone config with the side widths (docs/methods/qst.md §2). Heads (unless `heads` is given), KV
-    heads, rotary base, norm eps and the hidden dropout are the backbone's; `attention` other than "auto"
-    sets the kernel and `attention_dropout` (None: the backbone's) the attention-probability dropout."""
-    c = copy.deepcopy(config)
-    if attention != "auto":
-        c._attn_implementation = attention
-    d_side = config.hidden_size // r
-    c.hidden_size = d_side
-    if heads is not None:
-        c.num_attention_heads = heads                # bert (not MPNet) and vit: checked by the model
-    if family in ("llama", "vit"):
-        c.head_dim = d_side // heads_of(c)          # Llama and ViT/DINOv2 attention read an explicit head_dim
-    if not is_dinov2:                               # DINOv2 sizes its MLP as hidden_size·mlp_ratio = d_ff/r
-        c.intermediate_size = config.intermediate_size // r
-    if attention_dropout is not None:
-        setattr(c, "attention_dropout" if family == "llama" else "attention_probs_dropout_prob", attention_dropout)
-    return c
+    return chosen, (f"qst: r={DEFAULT_R} does not fit this backbone ({problem(DEFAULT_R, heads)}); "
+                    f"using r={chosen}")
 
 
 class SideNetwork(nn.Module):

@@ -7,13 +7,11 @@ so no model file is copied; with `up` at zero the wrapped model equals the backb
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .base import ConfigError, MethodConfig, check
-from .baselines import _BackboneFeatures
+from ..base import ConfigError
+from ..baselines.model import BackboneFeatures
 
 
 class Bottleneck(nn.Module):
@@ -28,10 +26,9 @@ class Bottleneck(nn.Module):
         return x + self.up(torch.nn.functional.gelu(self.down(x)))
 
 
-class AdapterModel(_BackboneFeatures):
+class AdapterModel(BackboneFeatures):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
-        self.freeze_backbone()
         hidden = max(1, backbone.hidden_size // config.reduction)
         sites = [(n, m) for n, m in backbone.model.named_modules()
                  if isinstance(m, nn.Linear) and any(n.endswith("." + s) for s in backbone.adapter_sites)]
@@ -50,14 +47,3 @@ class _AdapterHook:
 
     def __call__(self, module, inputs, output):
         return self.adapter(output)
-
-
-@dataclass
-class AdapterConfig(MethodConfig):
-    """Bottleneck adapters of width d/reduction after attention and FFN outputs (Houlsby et al., 2019)."""
-    name = "adapter"
-    model_class = AdapterModel
-    reduction: int = 16
-
-    def validate(self):
-        check(self.reduction >= 1, f"adapter.reduction must be a positive integer, got {self.reduction}")

@@ -1,10 +1,9 @@
-"""LoRA and IA3 through the `peft` library (injected into the backbone's own modules, not rewritten)."""
+"""LoRA and IA3 options, and the `peft` configs they become on a backbone."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MethodConfig, check
-from .baselines import _BackboneFeatures
+from ..base import MethodConfig, check
 
 
 def _suffix_regex(names: tuple[str, ...]) -> str:
@@ -12,30 +11,14 @@ def _suffix_regex(names: tuple[str, ...]) -> str:
     return r".*\.(" + "|".join(n.replace(".", r"\.") for n in names) + r")$"
 
 
-class PeftInjectedModel(_BackboneFeatures):
-    """Backbone with peft layers injected in place; only the injected parameters and the head train."""
-
-    def __init__(self, backbone, config, num_labels=None):
-        super().__init__(backbone, config, num_labels)
-        import peft
-
-        self.freeze_backbone()
-        peft.inject_adapter_in_model(config.peft_config(backbone), backbone.model)
-        prefix = config.peft_prefix
-        for n, p in backbone.named_parameters():
-            p.requires_grad_(prefix in n)
-
-
 @dataclass
 class LoRAConfig(MethodConfig):
     """Low-rank updates W + (alpha/r)·B·A on the attention projections (Hu et al., 2022)."""
     name = "lora"
-    model_class = PeftInjectedModel
-    peft_prefix = "lora_"
     default_lr = 5e-4
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 8                                      # rank of B·A
+    alpha: float = 16.0                             # the update is scaled by alpha / r
+    dropout: float = 0.0                            # dropout on the LoRA branch's input
     target_modules: tuple[str, ...] | None = None   # default: the family's query and value projections
 
     def validate(self):
@@ -55,11 +38,9 @@ class LoRAConfig(MethodConfig):
 class IA3Config(MethodConfig):
     """Learned rescaling of keys, values and the FFN output (Liu et al., 2022)."""
     name = "ia3"
-    model_class = PeftInjectedModel
-    peft_prefix = "ia3_"
     default_lr = 3e-3
-    target_modules: tuple[str, ...] | None = None
-    feedforward_modules: tuple[str, ...] | None = None
+    target_modules: tuple[str, ...] | None = None        # default: the family's keys, values and FFN output
+    feedforward_modules: tuple[str, ...] | None = None   # targets scaled on their input; default: the FFN output
 
     def peft_config(self, backbone):
         import peft

@@ -1,0 +1,61 @@
+"""`memtune eval`: evaluate a saved adapter on its task (or another one) and print the metrics as JSON."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a saved adapter")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", default=None, help="default: the task the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def _run_settings(adapter: Path) -> dict:
+    """The settings of the run that trained the adapter (its metrics.json), or {} where there is none."""
+    from ..checkpoint import CheckpointError
+
+    metrics_file = adapter / "metrics.json"
+    try:
+        return json.loads(metrics_file.read_text(encoding="utf-8")).get("settings", {}) \
+            if metrics_file.exists() else {}
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{metrics_file}: unreadable ({e}); expected the JSON file that memtune train "
+                              "writes") from None
+
+
+def run(ns) -> int:
+    import torch
+
+    from ..api import load
+    from ..checkpoint import read_adapter_config
+    from ..data import TaskError, load_task, make_collate
+    from ..evaluation import evaluate
+    from ..models import load_model
+    from ..preflight import align_task_labels, check_batch_size, check_task_fits_model
+
+    check_batch_size(ns.batch_size)
+    saved = read_adapter_config(ns.adapter)
+    settings = _run_settings(Path(ns.adapter))
+    task_name = ns.task or settings.get("task")
+    if task_name is None:
+        raise TaskError("--task is required: the adapter folder has no metrics.json naming its task")
+    loaded = load_model(ns.model)
+    model = load(loaded, ns.adapter)
+    task = load_task(task_name, seed=settings.get("seed", 0), test_limit=settings.get("test_limit"),
+                     text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"))
+    check_task_fits_model(task, task_name, loaded, model)
+    note = align_task_labels(task, task_name, model)
+    if note:
+        print(f"memtune: {note}", file=sys.stderr)
+    collate = make_collate(task.kind, loaded.preprocessor, max_length=settings.get("max_length", 128),
+                           image_size=settings.get("image_size"), causal_lm=saved.get("objective") == "causal-lm")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate(model.to(device), task.test, collate, ns.batch_size, device, progress=not ns.no_progress)
+    print(json.dumps({"method": saved["method"], "task": task_name, **result}))
+    return 0

@@ -1,0 +1,50 @@
+"""Full fine-tuning, linear probe (frozen backbone + head) and BitFit (biases only), and the model they share
+with the methods that change the backbone in place (LoRA, IA3, adapters): features from its own forward."""
+from __future__ import annotations
+
+import torch
+
+from ..base import ConfigError, MemtuneModel
+
+
+class BackboneFeatures(MemtuneModel):
+    """features = pool(Backbone.forward(batch)): B×feature_size, or B×T×d finished token states (causal LM),
+    through whatever the method injected into or hooked onto the backbone's modules."""
+
+    def features(self, batch):
+        h, ctx = self.backbone(batch)
+        return h if self.objective == "causal-lm" else self.backbone.pool(h, ctx)
+
+
+class FullModel(BackboneFeatures):
+    """Every parameter trains."""
+
+    def is_trainable(self, name: str) -> bool:
+        return True
+
+
+class LinearProbeModel(BackboneFeatures):
+    """Frozen backbone run without an autograd graph; only the head trains (the memory floor)."""
+
+    def __init__(self, backbone, config, num_labels=None):
+        super().__init__(backbone, config, num_labels)
+        if self.objective == "causal-lm":
+            raise ConfigError("linear: a linear probe has nothing to train on a causal-LM objective "
+                              "(the LM head is frozen); use it with num_labels (classification)")
+
+    def features(self, batch):
+        with torch.no_grad():
+            return super().features(batch)
+
+
+class BitFitModel(BackboneFeatures):
+    """Only the backbone's bias terms (and the head) train."""
+
+    def __init__(self, backbone, config, num_labels=None):
+        super().__init__(backbone, config, num_labels)
+        if not any(n.endswith("bias") for n, _ in backbone.named_parameters()):
+            raise ConfigError(f"bitfit: the {backbone.family} model {backbone.config.model_type!r} has no bias "
+                              "terms to train; use lora, ia3 or adapter instead")
+
+    def is_trainable(self, name: str) -> bool:
+        return not name.startswith("backbone.") or name.endswith("bias")

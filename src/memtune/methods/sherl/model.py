@@ -1,0 +1,145 @@
+"""SHERL: a frozen early route without a graph, a light aggregator, and the last pretrained layer(s).
+
+    early route (torch.no_grad):  F_0 = embed(x),  F_l = φ_l(F_{l-1}),  l = 1..N-L     each B×K×D
+    MTSA (trainable):             X̃ = U(ReLU(g)) + tanh(γ/τ)·F_{N-L}                 B×K×D   (mtsa.py)
+    late route (frozen weights,   Y = φ_N(...φ_{N-L+1}(X̃)) → the backbone's final norm → pool → head
+    gradient flows through it)
+
+Only the collected features F_l (saved by the trainable projections P_l), the MTSA's activations and
+the L late blocks' activations are kept for backward (Diao et al., "SHERL", ECCV 2024).
+
+Choices where the description leaves room (each is tested in tests/methods/test_sherl.py):
+- Side width: d = hidden_size // r. The released T5 config uses r = 4 (d = 192 on T5-base); which r the
+  paper's tables used is unknown, so r is a field (default 4).
+- Projections P_l: `projection="auto"` picks the gated adapter on encoder–decoder backbones (T5), as the
+  released T5 code, and Linear → LayerNorm elsewhere (mtsa.py).
+- Which early outputs are collected: all of them (embedding + every early block) except that
+  `drop_every=k` skips the outputs of 0-indexed blocks i with i % k == 0. The released T5 config does
+  this with k = 4 (encoder: embedding + {1,2,3,5,6,7,9,10,11}; decoder: embedding + {1,2,3,5,6,7,9,10}),
+  so `drop_every=None` means 4 on encoder–decoders and 0 (keep all) elsewhere. The guide F_{N-L} is
+  always kept.
+- `late_layers=L > 1` is a library extension (the paper always uses one late layer): the MTSA feeds
+  the first of the last L blocks, which all run frozen with gradient flowing through them.
+- Single-stack backbones (BERT / ViT / Llama): after the late route come the backbone's own frozen final
+  norm (`final_norm`; none for post-LN BERT), pooling and the trainable head; for a causal LM the frozen
+  LM head.
+- Encoder–decoders (T5, the released wiring): the encoder has no late route. All encoder blocks run
+  without a graph; the encoder MTSA (its guide: the last encoder block) → a new side norm (the class of
+  the encoder's final norm, weight ones) → encoder dropout becomes the memory of the decoder's late
+  block(s) only; earlier decoder blocks attend to the original encoder output. The decoder MTSA feeds the
+  last L decoder blocks, followed by a second new side norm (the decoder final norm's class, ones) in place
+  of the pretrained decoder final norm. memtune's T5 is used for classification (start-position state →
+  head), so the released code's tied LM head × D^-1/2 does not apply. Trainable count (gated P, n features
+  per MTSA): Σ_MTSA [n·(D·d + d + 2(d² + d)) + (d + 1) + (d·D + D) + 1] + 2·D.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...backbones import families_with
+from ..base import MemtuneModel, check
+from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
+from .mtsa import MTSA
+
+
+def collected_blocks(num_early: int, drop_every: int) -> list[int]:
+    """0-indexed early blocks whose outputs are collected (the embedding output is always collected).
+
+    drop_every=k > 0 skips blocks i with i % k == 0; the last early block (the guide) is always kept.
+    """
+    return [i for i in range(num_early) if drop_every <= 0 or i % drop_every != 0 or i == num_early - 1]
+
+
+class SHERLModel(MemtuneModel):
+    def __init__(self, backbone, config, num_labels=None):
+        super().__init__(backbone, config, num_labels)
+        D = backbone.hidden_size
+        d = D // config.r
+        check(d >= 1, f"sherl.r={config.r} leaves a side width of 0 for hidden size {D}; allowed: 1..{D}")
+        encoder_decoder = backbone.is_encoder_decoder
+        projection = config.projection
+        if projection == "auto":
+            projection = "gated" if encoder_decoder else "linear-ln"
+        drop_every = config.drop_every if config.drop_every is not None else (4 if encoder_decoder else 0)
+        depth = len(backbone.output_blocks)
+        check(config.late_layers < depth,
+              f"sherl.late_layers={config.late_layers} leaves no early layer in this {depth}-layer "
+              f"{'decoder' if encoder_decoder else 'stack'}; allowed: 1..{depth - 1}")
+        self.num_early = depth - config.late_layers          # blocks of the output stack run without a graph
+        self.side_width = d
+
+        def mtsa(n):
+            return MTSA(n, D, d, projection, config.restore, config.gate_init, config.temperature,
+                        config.tap_storage)
+
+        self.taps = collected_blocks(self.num_early, drop_every)
+        self.mtsa = mtsa(1 + len(self.taps))
+        if encoder_decoder:
+            self.encoder_taps = collected_blocks(backbone.num_layers, drop_every)
+            self.encoder_mtsa = mtsa(1 + len(self.encoder_taps))
+            # New norms of the family's kind at width D (weight = ones): the encoder MTSA's, and the one that
+            # replaces the decoder's final norm.
+            self.encoder_side_norm = backbone.side_norm(D, backbone.stack_config())
+            self.side_norm = backbone.side_norm(D, backbone.stack_config(decoder=True))
+        if config.cache_trunk:
+            *others, last = families_with(("single_stack",))
+            check(not encoder_decoder, f"sherl.cache_trunk is supported for {', '.join(others)} and {last} backbones, "
+                                       f"not {backbone.family}")
+            check_trunk_deterministic("sherl", [backbone], config.trunk_dropout)
+        self.trunk_cache = config.make_trunk_cache()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Host bytes held by the trunk cache (0 without one)."""
+        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
+
+    @property
+    def late_blocks(self) -> list[nn.Module]:
+        return list(self.backbone.output_blocks[self.num_early:])
+
+    @property
+    def early_blocks(self) -> list[nn.Module]:
+        """Blocks that run without an autograd graph (encoder–decoders: the whole encoder and the early decoder)."""
+        bb = self.backbone
+        encoder = list(bb.blocks) if bb.is_encoder_decoder else []
+        return encoder + list(bb.output_blocks[:self.num_early])
+
+    def features(self, batch):
+        bb = self.backbone
+        if bb.is_encoder_decoder:
+            return self._encoder_decoder_features(batch)
+        with torch.no_grad(), trunk_eval_mode(bb, not self.method_config.trunk_dropout):
+            h, ctx = bb.embed(batch)
+            mask = ctx.get("token_mask")
+            cache = self.trunk_cache if self.training else None
+            # With the cache (which stores real rows only) padded rows of the features are zero; real rows
+            # are the same either way, since real tokens never attend to padded keys.
+            real = (None if cache is None or mask is None or bool(mask.all())
+                    else mask.to(h.dtype).unsqueeze(-1))       # B×K×1
+
+            def compute():                                     # the collected early outputs, B×K×D each
+                return bb.forward_intermediates(h, ctx, self.taps, stop=self.num_early, row_mask=real)[1]
+
+            feats = cached_trunk(cache, batch, mask, bb.input_keys, compute, h)
+            feats = [h if real is None else h * real] + feats
+        x = self.mtsa(feats)                                   # X̃: B×K×D, the only graph so far
+        for i in range(self.num_early, bb.num_layers):
+            x = bb.run_block(i, x, ctx)                        # frozen weights, gradient flows through
+        h = bb.finish(x, ctx)
+        return h if self.objective == "causal-lm" else bb.pool(h, ctx)
+
+    def _encoder_decoder_features(self, batch):
+        bb = self.backbone
+        with torch.no_grad(), trunk_eval_mode(bb, not self.method_config.trunk_dropout):
+            h, ctx = bb.embed(batch)
+            last, enc_feats = bb.forward_intermediates(h, ctx, self.encoder_taps, stop=bb.num_layers)
+            memory = bb.finish_encoder(last)                   # B×Ts×D, read by the early decoder blocks
+            y, dctx = bb.decoder_embed(batch, memory, ctx["token_mask"])
+            _, dec_feats = bb.forward_intermediates(y, dctx, self.taps, stop=self.num_early, decoder=True)
+        # The encoder MTSA output is the memory of the late decoder block(s) only: B×Ts×D.
+        dctx["memory"] = bb.finish_encoder(self.encoder_mtsa([h] + enc_feats), norm=self.encoder_side_norm)
+        x = self.mtsa([y] + dec_feats)                         # B×Tt×D
+        for i in range(self.num_early, len(bb.decoder_blocks)):
+            x = bb.run_decoder_block(i, x, dctx)
+        return bb.pool(bb.finish_decoder(x, norm=self.side_norm), ctx)      # B×D

@@ -10,6 +10,7 @@ results.md and both plots exactly as `memtune compare` does (ratios to the full 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from memtune.compare import add_ratios, markdown_table, settings_line
 from memtune.plots import plot_memory_vs_accuracy, plot_memory_vs_time
 from memtune.run_info import git_commit, machine, versions
 from memtune.spec import parse_specs, split_specs
+from memtune.train import TrainArgs
 
 # Settings that may differ between rows of one table (the row's own method, options and techniques).
 PER_ROW = {"method", "options", "out", "gradient_checkpointing", "quantize", "offload_activations", "overwrite"}
@@ -51,7 +53,10 @@ def main(argv=None) -> int:
     found = {r["label"]: r for d in ns.runs for r in rows_of(Path(d), label_of)}
     records = [found[s.label] for s in specs if s.label in found]
     missing = [s.label for s in specs if s.label not in found]
-    shared = [{k: v for k, v in r["settings"].items() if k not in PER_ROW} for r in records]
+    # A setting added after a row ran is missing from its record: it ran at that setting's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+    keys = {k for r in records for k in r["settings"]} - PER_ROW
+    shared = [{k: r["settings"].get(k, defaults.get(k)) for k in sorted(keys)} for r in records]
     if any(s != shared[0] for s in shared):
         print("combine_runs: the rows were trained with different settings; refusing to put them in one table",
               file=sys.stderr)

@@ -319,7 +319,7 @@ def main():
              "the commands that made them are given with each table. GiB = 2³⁰ bytes.", ""]
     parts.append(cpu_section("minilm-rotten-tomatoes", "CPU: MiniLM on Rotten Tomatoes (the README's main job)"))
     parts.append(cpu_section("dinov2s-fashion-mnist", "CPU: DINOv2-S on Fashion-MNIST (fixed 2,000 / 400 subset, 112 px, "
-                                                      "80 steps; an earlier commit, before the memory techniques)"))
+                                                      "80 steps)"))
     parts.append(step_time_section())
     parts.append(plan_large_section())
     parts.append(smollm2_section())

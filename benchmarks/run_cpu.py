@@ -27,7 +27,7 @@ RUNS = {
     # DINOv2-S on a fixed Fashion-MNIST subset at 112 px (4x cheaper than 224 px on CPU).
     "dinov2s-fashion-mnist": ["--model", "dinov2-s", "--task", "fashion-mnist", "--image-size", "112",
                               "--batch-size", "16", "--train-limit", "2000", "--test-limit", "400", "--max-steps", "80",
-                              "--methods", "full,full+gc,linear,lora,lora+gc,lst,dtl,sherl,meft1,qst"],
+                              "--methods", "full,full+gc,linear,lora,lora+gc,lora+nf4+gc,lst,dtl,sherl,meft1,qst"],
     # SmolLM2-135M as a causal LM on the review texts; memory of one step at batch 8 × 512 (CPU tracker),
     # QLoRA (+ checkpointing) next to the side methods on the same 4-bit base.
     "smollm2-causal-lm": ["--model", "smollm2-135m", "--task", "rotten-tomatoes", "--objective", "causal-lm",

@@ -45,3 +45,14 @@ def train_epochs(model, epochs, lr=1e-2):
             losses.append(loss.item())
         per_epoch.append(len(calls) - before)
     return losses, per_epoch
+
+
+def fit_fixed_batch(model, batch, lr: float, steps: int) -> tuple[float, float]:
+    """AdamW on the trainable parameters for `steps` steps on one batch: (first loss, last loss)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    first = model(**batch).loss.item()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    return first, model(**batch).loss.item()

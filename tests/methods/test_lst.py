@@ -12,7 +12,7 @@ from memtune.methods import ConfigError, config_for
 from memtune.methods.lst import LSTConfig, LSTModel
 from memtune.methods.lst import model as lst_model_module
 
-from .side_helpers import batch_for
+from .side_helpers import batch_for, fit_fixed_batch
 
 FAMILIES = [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-dinov2", 3), ("tiny-t5", 3), ("tiny-llama", 3),
             ("tiny-llama", None), ("tiny-opt", 3), ("tiny-opt", None)]
@@ -434,14 +434,9 @@ def test_training_reduces_loss_and_checkpoint_round_trips(name, tmp_path):
     model = wrap(name, 2, dropout=0.0)
     batch = batch_for(model, b=4)
     batch["labels"] = torch.tensor([0, 1, 1, 0])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    first = model(**batch).loss.item()
-    for _ in range(25):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-    assert model(**batch).loss.item() < 0.5 * first
+    first, last = fit_fixed_batch(model, batch, lr=3e-3, steps=25)
+    assert last < 0.5 * first
     model.eval()
     model.save_pretrained(tmp_path)
     loaded = memtune.load(name, tmp_path).eval()

@@ -16,6 +16,7 @@ from memtune.methods.meft.coupling import Bottleneck
 from memtune.methods.meft.reversible import Span, reversible_span
 from memtune.models import ModelError, load_model
 
+from ..backbones.test_forward_matches_hf import assert_sublayers_compose
 from ..conftest import has_package
 from .meft_helpers import (FAMILIES, agreement, batch_for, hf_model, max_rel, plm_hidden_states, rel, twin,
                            wrap)
@@ -57,17 +58,7 @@ def test_registry_names_defaults_and_string_options():
 def test_mpnet_sublayers_compose_to_run_block_exactly():
     # The tiny families are checked in tests/backbones; MPNet (relative position bias) has no tiny alias.
     bb = backbone_for(hf_model("mpnet", layers=2))
-    batch = bb.example_batch(2, 10)
-    for training in (False, True):   # with dropout on, the same seed must give the same masks
-        bb.train(training)
-        with torch.no_grad():
-            h, ctx = bb.embed(batch)
-            for i in range(bb.num_layers):
-                torch.manual_seed(i)
-                ref = bb.run_block(i, h, ctx)
-                torch.manual_seed(i)
-                assert torch.equal(bb.ffn_sublayer(i, bb.attention_sublayer(i, h, ctx), ctx), ref), (i, training)
-                h = ref
+    assert_sublayers_compose(bb, bb.example_batch(2, 10), "mpnet")
 
 
 # -- §11.1 wiring ------------------------------------------------------------------------------------

@@ -144,6 +144,12 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def cache_bytes(self) -> int:
+        """Host bytes held by the method's trunk cache (`self.trunk_cache`; 0 without one)."""
+        cache = getattr(self, "trunk_cache", None)
+        return 0 if cache is None else cache.nbytes
+
     # -- what trains ---------------------------------------------------------------------------------
     def is_trainable(self, name: str) -> bool:
         """Whether the parameter `name` (as `named_parameters()` names it) trains. Default: everything outside

@@ -76,11 +76,6 @@ class DTLModel(MemtuneModel):
         self.trunk_cache: TrunkCache | None = config.make_trunk_cache()
 
     @property
-    def cache_bytes(self) -> int:
-        """Host bytes held by the trunk cache (0 without one)."""
-        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
-
-    @property
     def feature_size(self) -> int:
         # Patch grids: the mean of the patch tokens (width d), not the backbone's own pooling (ViT: [CLS ‖ mean], 2d).
         bb = self.backbone

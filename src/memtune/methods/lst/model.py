@@ -83,11 +83,6 @@ class LSTModel(MemtuneModel):
         """The side blocks' kernel after resolving "auto": sdpa where the side block class has a fused path."""
         return self.method_config.side_kernel(self.backbone)
 
-    @property
-    def cache_bytes(self) -> int:
-        """Host bytes held by the trunk cache (0 without one)."""
-        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
-
     # -- construction ----------------------------------------------------------------------------------------
     @property
     def _output_name(self) -> str:

@@ -97,11 +97,6 @@ class QSTModel(MemtuneModel):
         """The side blocks' kernel after resolving "auto": sdpa where the side block class has a fused path."""
         return self.method_config.side_kernel(self.backbone)
 
-    @property
-    def cache_bytes(self) -> int:
-        """Host bytes held by the trunk cache (0 without one)."""
-        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
-
     # -- the side network ------------------------------------------------------------------------------------
     def side_step(self, i: int, s: torch.Tensor, h: torch.Tensor, sctx) -> torch.Tensor:
         """Gate fusion, downsample and side block i: s (B×T×d'), h (B×T×d, frozen) → B×T×d'."""

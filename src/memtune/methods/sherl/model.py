@@ -90,11 +90,6 @@ class SHERLModel(MemtuneModel):
         self.trunk_cache = config.make_trunk_cache()
 
     @property
-    def cache_bytes(self) -> int:
-        """Host bytes held by the trunk cache (0 without one)."""
-        return 0 if self.trunk_cache is None else self.trunk_cache.nbytes
-
-    @property
     def late_blocks(self) -> list[nn.Module]:
         return list(self.backbone.output_blocks[self.num_early:])
 

@@ -340,3 +340,18 @@ def test_eval_of_an_all_nan_adapter_exits_2(adapter, tmp_path, capsys):
     code = main(["eval", "--model", "tiny-bert", "--adapter", str(adapter), "--task", f"csv:{csv}", "--no-progress"])
     assert code == 2
     assert "NaN/inf value(s)" in error_line(capsys)
+
+
+def test_resume_refuses_an_optimizer_state_of_another_layout(tmp_path):
+    # A checkpoint written with one parameter group (e.g. by an older memtune) and a run that now has two.
+    import memtune
+    from memtune.resume import CheckpointError, load_training_checkpoint, save_training_checkpoint
+
+    model = memtune.wrap(memtune.load_model("tiny-bert"), "lora", num_labels=2)
+    params = [p for _, p in model.trainable_named_parameters()]
+    one = torch.optim.AdamW(params, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(one, lambda s: 1.0)
+    ckpt = save_training_checkpoint(tmp_path, model, one, sched, {"step": 1})
+    two = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=1e-3)
+    with pytest.raises(CheckpointError, match="optimizer state does not fit this run's optimizer"):
+        load_training_checkpoint(ckpt, model, two, torch.optim.lr_scheduler.LambdaLR(two, lambda s: 1.0))

@@ -171,7 +171,11 @@ def load_training_checkpoint(path, model, optimizer, scheduler) -> dict:
     opt = _read(ckpt / "optimizer.safetensors", lambda f: load_file(str(f)))
     rng = _read(ckpt / "rng.safetensors", lambda f: load_file(str(f)))
     load_weights(model, ckpt)
-    optimizer.load_state_dict(_unflatten_optimizer(opt, state["optimizer"]))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(opt, state["optimizer"]))
+    except ValueError as e:                  # another parameter-group layout (e.g. saved by an older memtune)
+        raise CheckpointError(f"{ckpt}: its optimizer state does not fit this run's optimizer ({e}); start a "
+                              f"fresh run, or resume with the memtune version that wrote it") from None
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():

@@ -160,7 +160,8 @@ class Backbone(nn.Module):
         embedding output h. grad=False runs each block without autograd but not across the yield, so a
         caller may build a graph between blocks (the interleaved side networks)."""
         blocks, run = self._stack(decoder)
-        take_indices(len(blocks), range(stop), "stop")
+        if not 0 <= stop <= len(blocks):
+            raise ValueError(f"stop={stop} is outside this {len(blocks)}-block stack (allowed: 0..{len(blocks)})")
         for i in range(stop):
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 h = run(i, h, ctx)

@@ -285,6 +285,44 @@ def smollm2_section() -> str:
     return "\n".join(out)
 
 
+CONVERGENCE = {"minilm-rotten-tomatoes": "MiniLM on the full Rotten Tomatoes training split (10,174 / 2,578), 2 epochs"}
+
+
+def convergence_section() -> str:
+    """Accuracy over several seeds (mean ± 95 % half-width) per method: one JSON per method from
+    benchmarks/convergence.py, which may have finished only some of its methods."""
+    out = []
+    for task, title in CONVERGENCE.items():
+        files = sorted((HERE / "convergence" / task).glob("*.json"))
+        records = [r for f in files for r in json.loads(f.read_text())["records"]]
+        if not records:
+            continue
+        done = [r for r in records if "error" not in r]
+        s = done[0]["settings"]
+        gc = next((r for r in done if r["label"] == "lora+gc"), None)
+        out += [f"## CPU: accuracy at convergence, {title}", "",
+                f"Command: `python benchmarks/convergence.py --task {task.split('-')[0]}` (each method: `memtune compare "
+                f"--methods M --seeds 0,1,2`, batch {s['batch_size']} × {s['max_length']}, {s['epochs']:g} epochs, default "
+                f"learning rates, {s['precision']}; side methods replay the frozen trunk from epoch 2). Budget: one "
+                "CPU thread per run, about 15 minutes per seed for full fine-tuning; methods not listed did not finish "
+                "within the session. Interval: 95 % Student t over the seeds. Peak: one step at batch "
+                f"{s['memory_batch_size']} × {s['memory_max_length']} (CPU tracker).", "",
+                "| method | accuracy per seed | mean ± 95 % | vs full | peak GiB (vs LoRA+gc) | steps |",
+                "|---|---|---|---|---|---|"]
+        full = next((r for r in done if r["label"] == "full"), None)
+        for r in records:
+            if "error" in r:
+                out.append(f"| {r['label']} | failed: {r['error'][:100]} ||||")
+                continue
+            ci = f" ± {r['accuracy_ci95']:.3f}" if r.get("accuracy_ci95") is not None else ""
+            gap = f"{(r['accuracy_mean'] - full['accuracy_mean']) * 100:+.1f} pt" if full else "–"
+            peak = f"{r['peak_bytes'] / GIB:.3f} ({ratio(r['peak_bytes'], gc['peak_bytes']) if gc else '–'}×)"
+            seeds = ", ".join(f"{a:.3f}" for a in r["accuracy_per_seed"])
+            out.append(f"| {r['label']} | {seeds} | {r['accuracy_mean']:.3f}{ci} | {gap} | {peak} | {r['steps']} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def readme_table() -> str:
     """The README's short results table (CPU MiniLM run + the H100 T5-base LST setting), between markers."""
     cpu = _by_label(HERE / "minilm-rotten-tomatoes" / "results.json")
@@ -320,6 +358,7 @@ def main():
     parts.append(cpu_section("minilm-rotten-tomatoes", "CPU: MiniLM on Rotten Tomatoes (the README's main job)"))
     parts.append(cpu_section("dinov2s-fashion-mnist", "CPU: DINOv2-S on Fashion-MNIST (fixed 2,000 / 400 subset, 112 px, "
                                                       "80 steps)"))
+    parts.append(convergence_section())
     parts.append(step_time_section())
     parts.append(plan_large_section())
     parts.append(smollm2_section())

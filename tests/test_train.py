@@ -35,6 +35,15 @@ def test_train_writes_metrics_and_adapter_and_eval_reproduces_accuracy(tmp_path,
     assert out["accuracy"] == m["accuracy"]
 
 
+def test_memory_step_of_a_trunk_cached_method_gets_example_ids(tmp_path):
+    # The memory run collates its own padded batch; a method with a trunk cache needs example ids there too
+    # (it measures the step that fills the cache), as the training loader gives them.
+    m = train(tiny_args(tmp_path, method="lst", options={"cache_trunk": "true", "trunk_dropout": "false"},
+                        measure_memory=True, epochs=2, max_steps=None))
+    assert m["peak_bytes"] > 0 and m["activation_peak_bytes"] > 0
+    assert m["accuracy"] is not None
+
+
 def test_same_seed_same_weights(tmp_path):
     from safetensors.torch import load_file
 

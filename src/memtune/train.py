@@ -214,7 +214,8 @@ def measure_memory(args: TrainArgs) -> dict:
     examples = list(itertools.islice(itertools.cycle(task.train), args.memory_batch_size or args.batch_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
-    batch = {k: v.to(device) for k, v in collate(examples).items()}
+    # Distinct example ids, as the training loader gives them: a trunk-cached method measures its filling step.
+    batch = {k: v.to(device) for k, v in {**collate(examples), "example_id": torch.arange(len(examples))}.items()}
     optimizer = make_optimizer(model, args)
     autocast = None
     if args.precision != "fp32":

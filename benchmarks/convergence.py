@@ -1,0 +1,81 @@
+"""Accuracy at convergence: every method on the full training split, several seeds, a 95 % interval.
+
+    python benchmarks/convergence.py --task minilm                  # MiniLM + Rotten Tomatoes, every method
+    python benchmarks/convergence.py --task minilm --methods lst,full --seeds 0,1,2
+
+Each method runs as its own `memtune compare --seeds ...` (a fresh process per seed) into
+runs/convergence/<task>/<method>/, and its results.json is copied to benchmarks/convergence/<task>/<method>.json
+as soon as it finishes, so an interrupted benchmark keeps what it measured. `--lr-grid` adds a learning-rate
+grid per method (multiples of the method's default learning rate, chosen on a validation split carved from the
+training data, see memtune.sweep). `python benchmarks/make_results.py` tabulates the finished methods.
+
+Side methods replay the frozen trunk from epoch 2 on (`cache_trunk=true`); LST and SHERL then run the trunk in
+eval mode (`trunk_dropout=false`; so does QST), which the cache needs on a backbone with dropout.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHED = {"lst": "lst:cache_trunk=true:trunk_dropout=false",
+          "sherl": "sherl:cache_trunk=true:trunk_dropout=false",
+          "qst": "qst:cache_trunk=true:trunk_dropout=false",
+          "dtl": "dtl:cache_trunk=true"}
+TASKS = {
+    # The full Rotten Tomatoes training split (10,174 snippets), 2 epochs at the README's batch 16 × 64,
+    # scored on the whole test split (2,578); memory of one step at batch 32 × 128 as in the README table.
+    "minilm-rotten-tomatoes": {
+        "flags": ["--model", "minilm", "--task", "rotten-tomatoes", "--batch-size", "16", "--max-length", "64",
+                  "--epochs", "2", "--memory-batch-size", "32", "--memory-max-length", "128"],
+        "methods": ["lst", "full", "lora+gc", "sherl", "qst", "meft2", "dtl", "linear"], "family": "bert",
+    },
+    # DINOv2-S on 5,000 Fashion-MNIST training images at 112 px, scored on 5,000 test images.
+    "dinov2s-fashion-mnist": {
+        "flags": ["--model", "dinov2-s", "--task", "fashion-mnist", "--image-size", "112", "--batch-size", "16",
+                  "--train-limit", "5000", "--test-limit", "5000", "--epochs", "3"],
+        "methods": ["linear", "lst", "dtl", "sherl", "qst", "full", "lora+gc", "meft1"], "family": "vit",
+    },
+}
+
+
+def method_spec(name: str) -> str:
+    return CACHED.get(name, name)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, help="minilm or dinov2 (a prefix of " + ", ".join(TASKS) + ")")
+    ap.add_argument("--methods", default=None, help="comma list (default: the task's list)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lr-grid", default=None, help="multiples of each method's default lr, e.g. 0.3,1,3")
+    a = ap.parse_args()
+    name = next((t for t in TASKS if t.startswith(a.task)), None)
+    if name is None:
+        ap.error(f"--task: {a.task!r} is not one of {', '.join(TASKS)}")
+    task = TASKS[name]
+    dest = HERE / "convergence" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for m in (a.methods.split(",") if a.methods else task["methods"]):
+        out = Path("runs/convergence") / name / m.replace("+", "_")
+        cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m),
+               "--seeds", a.seeds, "--out", str(out), "--no-progress"]
+        if a.lr_grid:
+            cmd += ["--lr-grid", ",".join(f"{float(x) * default_lr(m, task):g}" for x in a.lr_grid.split(","))]
+        print("$", " ".join(cmd[1:]), flush=True)
+        if subprocess.run(cmd).returncode == 0 and (out / "results.json").exists():
+            shutil.copy(out / "results.json", dest / f"{m.replace('+', '_')}.json")
+
+
+def default_lr(spec: str, task: dict) -> float:
+    """The learning rate the method uses when none is given, on the task's model family."""
+    from memtune.methods import METHODS
+
+    return METHODS[spec.split(":")[0].split("+")[0]].lr_for(task["family"])
+
+
+if __name__ == "__main__":
+    main()

@@ -305,20 +305,21 @@ def convergence_section() -> str:
                 f"--methods M --seeds 0,1,2`, batch {s['batch_size']} × {s['max_length']}, {s['epochs']:g} epochs, default "
                 f"learning rates, {s['precision']}; side methods replay the frozen trunk from epoch 2). Budget: one "
                 "CPU thread per run, about 15 minutes per seed for full fine-tuning; methods not listed did not finish "
-                "within the session. Interval: 95 % Student t over the seeds. Peak: one step at batch "
+                "within the session; wall times (training and evaluation of one seed) were taken while other jobs shared the "
+                "two cores. Interval: 95 % Student t over the seeds. Peak: one step at batch "
                 f"{s['memory_batch_size']} × {s['memory_max_length']} (CPU tracker).", "",
-                "| method | accuracy per seed | mean ± 95 % | vs full | peak GiB (vs LoRA+gc) | steps |",
-                "|---|---|---|---|---|---|"]
+                "| method | accuracy per seed | mean ± 95 % | vs full | peak GiB (vs LoRA+gc) | steps | wall s, seed 0 |",
+                "|---|---|---|---|---|---|---|"]
         full = next((r for r in done if r["label"] == "full"), None)
         for r in records:
             if "error" in r:
-                out.append(f"| {r['label']} | failed: {r['error'][:100]} ||||")
+                out.append(f"| {r['label']} | failed: {r['error'][:100]} |||||")
                 continue
             ci = f" ± {r['accuracy_ci95']:.3f}" if r.get("accuracy_ci95") is not None else ""
             gap = f"{(r['accuracy_mean'] - full['accuracy_mean']) * 100:+.1f} pt" if full else "–"
             peak = f"{r['peak_bytes'] / GIB:.3f} ({ratio(r['peak_bytes'], gc['peak_bytes']) if gc else '–'}×)"
             seeds = ", ".join(f"{a:.3f}" for a in r["accuracy_per_seed"])
-            out.append(f"| {r['label']} | {seeds} | {r['accuracy_mean']:.3f}{ci} | {gap} | {peak} | {r['steps']} |")
+            out.append(f"| {r['label']} | {seeds} | {r['accuracy_mean']:.3f}{ci} | {gap} | {peak} | {r['steps']} | {r['wall_time_s']:.0f} |")
         out.append("")
     return "\n".join(out)
 

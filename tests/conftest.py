@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
 # whenever a test starts a child process (compare, DDP, kill-and-resume).
 torch.set_num_threads(1)
 
-TINY_TEXT = ("tiny-bert", "tiny-t5", "tiny-llama", "tiny-opt")
+TINY_TEXT = ("tiny-bert", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2")
 TINY_IMAGE = ("tiny-vit", "tiny-dinov2")
 TINY = TINY_TEXT + TINY_IMAGE
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import memtune
 from memtune.checkpoint import CheckpointError
@@ -22,7 +23,13 @@ def wrap(name, method, **options):
 def linears(model, suffixes):
     """Linear layers (plain or wrapped by peft, which keeps the original as `.base_layer`) by name suffix."""
     return [m for n, m in model.backbone.model.named_modules()
-            if (isinstance(m, nn.Linear) or hasattr(m, "base_layer")) and any(n.endswith("." + s) for s in suffixes)]
+            if (isinstance(m, (nn.Linear, Conv1D)) or hasattr(m, "base_layer"))
+            and any(n.endswith("." + s) for s in suffixes)]
+
+
+def in_out(layer) -> tuple[int, int]:
+    """(in, out) widths of nn.Linear, or of transformers' Conv1D (GPT-2: nx → nf)."""
+    return (layer.nx, layer.nf) if isinstance(layer, Conv1D) else (layer.in_features, layer.out_features)
 
 
 def expected_trainable(model, method) -> int:
@@ -37,15 +44,13 @@ def expected_trainable(model, method) -> int:
         return head + sum(p.numel() for n, p in bb.named_parameters() if n.endswith("bias"))
     if method == "lora":
         r = model.method_config.r
-        return head + sum(r * (m.base_layer.in_features + m.base_layer.out_features)
-                          for m in linears(model, bb.lora_targets))
+        return head + sum(r * sum(in_out(m.base_layer)) for m in linears(model, bb.lora_targets))
     if method == "ia3":
         ff = set(map(id, linears(model, bb.ia3_feedforward)))
-        return head + sum(m.base_layer.in_features if id(m) in ff else m.base_layer.out_features
-                          for m in linears(model, bb.ia3_targets))
+        return head + sum(in_out(m.base_layer)[0 if id(m) in ff else 1] for m in linears(model, bb.ia3_targets))
     if method == "adapter":
         d_hidden = bb.hidden_size // model.method_config.reduction
-        return head + sum(2 * m.out_features * d_hidden + d_hidden + m.out_features
+        return head + sum(2 * in_out(m)[1] * d_hidden + d_hidden + in_out(m)[1]
                           for m in linears(model, bb.adapter_sites))
     raise KeyError(method)
 

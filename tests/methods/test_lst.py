@@ -15,8 +15,8 @@ from memtune.methods.lst import model as lst_model_module
 from .side_helpers import batch_for, fit_fixed_batch
 
 FAMILIES = [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-dinov2", 3), ("tiny-t5", 3), ("tiny-llama", 3),
-            ("tiny-llama", None), ("tiny-opt", 3), ("tiny-opt", None)]
-IDS = ["bert", "vit", "dinov2", "t5", "llama-cls", "llama-lm", "opt-cls", "opt-lm"]
+            ("tiny-llama", None), ("tiny-opt", 3), ("tiny-opt", None), ("tiny-distilbert", 3)]
+IDS = ["bert", "vit", "dinov2", "t5", "llama-cls", "llama-lm", "opt-cls", "opt-lm", "distilbert"]
 T5_BASE = dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12, vocab_size=32128)
 T5_BASE_K = (1, 2, 3, 5, 6, 7, 9, 10, 11)
 

@@ -93,7 +93,7 @@ def test_frozen_backbone_gets_no_grad_and_records_no_graph(name):
     batch = batch_for(model)
     # Blocks and embeddings (the final norm of the read-out is on the gradient path to the adapters).
     frozen = list(model.backbone.blocks) + [m for n, m in model.backbone.model.named_modules()
-                                            if n.split(".")[-1] in ("embeddings", "embed_tokens")]
+                                            if n.split(".")[-1] in ("embeddings", "embed_tokens", "wte")]
     assert len(frozen) == model.backbone.num_layers + 1
     with count_saved_inside(frozen, model) as inside:
         loss = model(**batch).loss

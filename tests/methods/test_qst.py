@@ -67,7 +67,7 @@ def randomize_side(model, seed=5):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-KINDS = ["llama-lm", "llama-cls", "tiny-bert", "tiny-vit", "tiny-opt"]
+KINDS = ["llama-lm", "llama-cls", "tiny-bert", "tiny-vit", "tiny-opt", "tiny-distilbert"]
 
 
 # -- config ---------------------------------------------------------------------------------------------------

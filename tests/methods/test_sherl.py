@@ -11,7 +11,7 @@ from memtune.methods.base import ConfigError
 from memtune.methods.sherl import MTSA, SHERLConfig, collected_blocks, layer_weights, mtsa_param_count, redundancy
 from memtune.models import load_model
 
-FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt"]
+FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2"]
 
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from .base import Backbone, Context, UnsupportedModel
 from .bert import BertLikeBackbone
+from .distilbert import DistilBertBackbone
+from .gpt2 import GPT2Backbone
 from .llama import LlamaLikeBackbone
 from .opt import OPTBackbone
 from .t5 import T5Backbone
@@ -15,6 +17,8 @@ FAMILIES: dict[str, type[Backbone]] = {
     "t5": T5Backbone,
     "llama": LlamaLikeBackbone, "mistral": LlamaLikeBackbone, "qwen2": LlamaLikeBackbone,
     "opt": OPTBackbone,
+    "gpt2": GPT2Backbone,
+    "distilbert": DistilBertBackbone,
 }
 
 

@@ -69,6 +69,10 @@ class Backbone(nn.Module):
     # "sequence", or "grid" when the last rows·cols tokens form the patch grid ctx["grid"] = (rows, cols).
     token_layout: ClassVar[str] = "sequence"
 
+    # Config fields of the blocks' residual dropout and FFN activation (adapters that a method adds match them).
+    dropout_field: ClassVar[str] = "hidden_dropout_prob"
+    activation_field: ClassVar[str] = "hidden_act"
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -94,6 +98,16 @@ class Backbone(nn.Module):
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def hidden_dropout(self) -> float:
+        """The blocks' residual dropout probability (0 where the family has none, e.g. Llama)."""
+        return float(getattr(self.config, self.dropout_field, 0.0) or 0.0)
+
+    @property
+    def activation(self) -> str:
+        """Name of the feed-forward activation (transformers' ACT2FN key)."""
+        return getattr(self.config, self.activation_field, "gelu")
 
     # -- the protocol --------------------------------------------------------------------------
     def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Context]:

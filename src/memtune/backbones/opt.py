@@ -17,6 +17,8 @@ from .side_network import PruneGroup, SideNetworkHooks, nearest_width, norm_step
 
 class OPTBackbone(SideNetworkHooks, Backbone):
     family = "opt"
+    dropout_field = "dropout"
+    activation_field = "activation_function"
     input_keys = ("input_ids", "attention_mask")
     lora_targets = ("q_proj", "v_proj")
     ia3_targets = ("k_proj", "v_proj", "fc2")

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..base import ConfigError
 from ..baselines.model import BackboneFeatures
 
+
+def out_width(layer) -> int:
+    """Output width of a projection: nn.Linear, or transformers' Conv1D (GPT-2; weight in×out, width `nf`)."""
+    return layer.nf if isinstance(layer, Conv1D) else layer.out_features
 
 class Bottleneck(nn.Module):
     def __init__(self, d: int, hidden: int):
@@ -31,11 +36,11 @@ class AdapterModel(BackboneFeatures):
         super().__init__(backbone, config, num_labels)
         hidden = max(1, backbone.hidden_size // config.reduction)
         sites = [(n, m) for n, m in backbone.model.named_modules()
-                 if isinstance(m, nn.Linear) and any(n.endswith("." + s) for s in backbone.adapter_sites)]
+                 if isinstance(m, (nn.Linear, Conv1D)) and any(n.endswith("." + s) for s in backbone.adapter_sites)]
         if not sites:
             raise ConfigError(f"adapter: no output projections named {backbone.adapter_sites} in this model")
         # Keys use '__' for '.', since ModuleDict keys cannot contain dots.
-        self.adapters = nn.ModuleDict({n.replace(".", "__"): Bottleneck(m.out_features, hidden) for n, m in sites})
+        self.adapters = nn.ModuleDict({n.replace(".", "__"): Bottleneck(out_width(m), hidden) for n, m in sites})
         for n, m in sites:
             # The hook holds only its adapter, not this model: no reference cycle keeps a dropped model alive.
             m.register_forward_hook(_AdapterHook(self.adapters[n.replace(".", "__")]))

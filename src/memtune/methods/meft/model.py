@@ -42,10 +42,9 @@ class MEFTModel(MemtuneModel):
         self.upper_indices = list(range(self.first_adapted + n_rev, n_layers))
 
         cfg = backbone.config
-        act = getattr(cfg, "hidden_act", "gelu")
+        act = backbone.activation
         # Adapter dropout = the PLM's hidden dropout (BERT 0.1; ViT/DINOv2 0.0; Llama has none).
-        p = config.adapter_dropout if config.adapter_dropout is not None else float(
-            getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
+        p = config.adapter_dropout if config.adapter_dropout is not None else backbone.hidden_dropout
         eps = (getattr(cfg, "layer_norm_eps", None) or getattr(cfg, "rms_norm_eps", None) or 1e-5) \
             if config.adapter_norm else None
         ref = next(backbone.parameters())

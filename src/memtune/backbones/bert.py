@@ -6,7 +6,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from .base import Backbone, Context
-from .side_network import PruneGroup, SideNetworkHooks, nearest_width, norm_step
+from .side_network import PruneGroup, SideNetworkHooks, head_multiple_widths, norm_step
 
 
 class BertLikeBackbone(SideNetworkHooks, Backbone):
@@ -74,11 +74,7 @@ class BertLikeBackbone(SideNetworkHooks, Backbone):
     def side_widths(self, config, r, heads, exact):
         """d' = H'·round(d/(r·H')) (H' = H: H·round(d_kv/r)) and d_ff' = round(d_ff/r); exact: d/r, ⌊d_ff/r⌋."""
         side_heads = heads or config.num_attention_heads
-        if exact:
-            d_side, d_ff = config.hidden_size // r, config.intermediate_size // r
-        else:
-            d_side = side_heads * nearest_width(config.hidden_size, r * side_heads)
-            d_ff = nearest_width(config.intermediate_size, r)
+        d_side, d_ff = head_multiple_widths(config.hidden_size, config.intermediate_size, r, side_heads, exact)
         return {"hidden_size": d_side, "num_attention_heads": side_heads, "intermediate_size": d_ff}
 
     def side_norm(self, d_side, cfg):

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from .base import Backbone, Context
-from .side_network import PruneGroup, SideNetworkHooks, nearest_width, norm_step
+from .side_network import PruneGroup, SideNetworkHooks, head_multiple_widths, norm_step
 
 
 class DistilBertBackbone(SideNetworkHooks, Backbone):
@@ -59,11 +59,7 @@ class DistilBertBackbone(SideNetworkHooks, Backbone):
     def side_widths(self, config, r, heads, exact):
         """d' = H'·round(d/(r·H')) (H' = H: H·round(d_kv/r)) and d_ff' = round(d_ff/r); exact: d/r, ⌊d_ff/r⌋."""
         side_heads = heads or config.n_heads
-        if exact:
-            d_side, d_ff = config.dim // r, config.hidden_dim // r
-        else:
-            d_side = side_heads * nearest_width(config.dim, r * side_heads)
-            d_ff = nearest_width(config.hidden_dim, r)
+        d_side, d_ff = head_multiple_widths(config.dim, config.hidden_dim, r, side_heads, exact)
         return {"dim": d_side, "n_heads": side_heads, "hidden_dim": d_ff}
 
     def side_norm(self, d_side, cfg):

@@ -46,6 +46,14 @@ def nearest_width(x: int, r: int) -> int:
     return max(1, round(x / r))
 
 
+def head_multiple_widths(d: int, d_ff: int, r: int, side_heads: int, exact: bool) -> tuple[int, int]:
+    """(d', d_ff') for blocks whose head width is d / H (BERT-like): d' = H'·round(d/(r·H')), d_ff' =
+    round(d_ff/r), so H' divides d'; exact: d/r and ⌊d_ff/r⌋."""
+    if exact:
+        return d // r, d_ff // r
+    return side_heads * nearest_width(d, r * side_heads), nearest_width(d_ff, r)
+
+
 # -- pruning plans (LST's pruned-weight initialisation, docs/methods/lst.md §8) ------------------------------
 @dataclass(frozen=True)
 class PruneVector:

@@ -44,6 +44,18 @@ def take_indices(num_blocks: int, indices, what: str = "block indices", error: t
     return idx
 
 
+def residual_sublayer(x: torch.Tensor, branch, norm, position: str, branch_hook=None) -> torch.Tensor:
+    """One residual sub-layer, B×T×d → B×T×d: pre-norm x + branch(norm(x)), post-norm norm(x + branch(x)).
+
+    `branch` includes its own dropout; `branch_hook(branch_input, branch_output) -> branch_output` (MEFT's
+    adapters) edits it before the residual, where branch_input is norm(x) (pre) or x itself (post)."""
+    n = norm(x) if position == "pre" else x
+    u = branch(n)
+    if branch_hook is not None:
+        u = branch_hook(n, u)
+    return x + u if position == "pre" else norm(x + u)
+
+
 class Backbone(nn.Module):
     family: ClassVar[str] = ""
     # Batch keys the model reads (the rest, e.g. `labels`, is the method's business).

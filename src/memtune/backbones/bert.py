@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from .base import Backbone, Context
+from .base import Backbone, Context, residual_sublayer
 from .side_network import PruneGroup, SideNetworkHooks, head_multiple_widths, norm_step
 
 
@@ -119,23 +119,17 @@ class BertLikeBackbone(SideNetworkHooks, Backbone):
         """a = LN₁(x + Dropout(W_o·SelfAttn(x))): B×T×d → B×T×d."""
         attn = self.blocks[i].attention
         if self.is_mpnet:
-            u = attn.dropout(attn.attn(x, ctx["attn_mask"], ctx["position_bias"])[0])
-            norm = attn.LayerNorm
-        else:
-            c, _ = attn.self(x, attention_mask=ctx["attn_mask"])
-            u = attn.output.dropout(attn.output.dense(c))
-            norm = attn.output.LayerNorm
-        if branch_hook is not None:
-            u = branch_hook(x, u)
-        return norm(u + x)
+            return residual_sublayer(x, lambda n: attn.dropout(attn.attn(n, ctx["attn_mask"], ctx["position_bias"])[0]),
+                                     attn.LayerNorm, "post", branch_hook)
+        out = attn.output
+        return residual_sublayer(x, lambda n: out.dropout(out.dense(attn.self(n, attention_mask=ctx["attn_mask"])[0])),
+                                 out.LayerNorm, "post", branch_hook)
 
     def ffn_sublayer(self, i, a, ctx, branch_hook=None):
         """out = LN₂(a + Dropout(W_2·act(W_1·a))): B×T×d → B×T×d."""
-        layer = self.blocks[i]
-        u = layer.output.dropout(layer.output.dense(layer.intermediate(a)))
-        if branch_hook is not None:
-            u = branch_hook(a, u)
-        return layer.output.LayerNorm(u + a)
+        out = self.blocks[i].output
+        return residual_sublayer(a, lambda n: out.dropout(out.dense(self.blocks[i].intermediate(n))), out.LayerNorm,
+                                 "post", branch_hook)
 
     # -- planner facts (see Backbone) ------------------------------------------------------------------
     @classmethod

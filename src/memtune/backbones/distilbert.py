@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from .base import Backbone, Context
+from .base import Backbone, Context, residual_sublayer
 from .side_network import PruneGroup, SideNetworkHooks, head_multiple_widths, norm_step
 
 
@@ -91,18 +91,13 @@ class DistilBertBackbone(SideNetworkHooks, Backbone):
     def attention_sublayer(self, i, x, ctx, branch_hook=None):
         """a = LN_sa(x + W_o·SelfAttn(x)): B×T×d → B×T×d."""
         blk = self.blocks[i]
-        u, _ = blk.attention(x, attention_mask=ctx["attn_mask"])
-        if branch_hook is not None:
-            u = branch_hook(x, u)
-        return blk.sa_layer_norm(u + x)
+        return residual_sublayer(x, lambda n: blk.attention(n, attention_mask=ctx["attn_mask"])[0],
+                                 blk.sa_layer_norm, "post", branch_hook)
 
     def ffn_sublayer(self, i, a, ctx, branch_hook=None):
         """out = LN_out(a + Dropout(W_2·act(W_1·a))): B×T×d → B×T×d."""
-        blk = self.blocks[i]
-        u = blk.ffn(a)                                        # lin1 → activation → lin2 → dropout
-        if branch_hook is not None:
-            u = branch_hook(a, u)
-        return blk.output_layer_norm(u + a)
+        blk = self.blocks[i]          # ffn: lin1 → activation → lin2 → dropout
+        return residual_sublayer(a, blk.ffn, blk.output_layer_norm, "post", branch_hook)
 
     # -- planner facts (see Backbone) ------------------------------------------------------------------
     depth_fields = ("n_layers",)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from .base import Backbone, Context
+from .base import Backbone, Context, residual_sublayer
 
 
 class GPT2Backbone(Backbone):
@@ -69,19 +69,15 @@ class GPT2Backbone(Backbone):
     # mlp.dropout), so branch_hook(LN(x), branch) sees the branch after its dropout.
     def attention_sublayer(self, i, x, ctx, branch_hook=None):
         blk = self.blocks[i]
-        n = blk.ln_1(x)
-        u = blk.attn(n, attention_mask=ctx["attn_mask"], position_ids=ctx["position_ids"])[0]
-        if branch_hook is not None:
-            u = branch_hook(n, u)
-        return x + u
+
+        def attn(n):
+            return blk.attn(n, attention_mask=ctx["attn_mask"], position_ids=ctx["position_ids"])[0]
+
+        return residual_sublayer(x, attn, blk.ln_1, "pre", branch_hook)
 
     def ffn_sublayer(self, i, a, ctx, branch_hook=None):
         blk = self.blocks[i]
-        n = blk.ln_2(a)
-        u = blk.mlp(n)
-        if branch_hook is not None:
-            u = branch_hook(n, u)
-        return a + u
+        return residual_sublayer(a, blk.mlp, blk.ln_2, "pre", branch_hook)
 
     # -- planner facts (see Backbone) ------------------------------------------------------------------
     depth_fields = ("n_layer",)

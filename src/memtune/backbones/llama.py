@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from .base import Backbone, Context
+from .base import Backbone, Context, residual_sublayer
 from .side_network import PruneGroup, SideNetworkHooks, nearest_width, norm_step
 
 
@@ -135,21 +135,17 @@ class LlamaLikeBackbone(SideNetworkHooks, Backbone):
     def attention_sublayer(self, i, x, ctx, branch_hook=None):
         """x + SelfAttn(RMSNorm₁(x)) with the causal mask and rotary positions of ctx."""
         blk = self.blocks[i]
-        n = blk.input_layernorm(x)
-        u, _ = blk.self_attn(hidden_states=n, attention_mask=ctx["attn_mask"], position_ids=ctx["position_ids"],
-                             past_key_values=None, use_cache=False, position_embeddings=ctx["rope"])
-        if branch_hook is not None:
-            u = branch_hook(n, u)
-        return x + u
+
+        def attn(n):
+            return blk.self_attn(hidden_states=n, attention_mask=ctx["attn_mask"], position_ids=ctx["position_ids"],
+                                 past_key_values=None, use_cache=False, position_embeddings=ctx["rope"])[0]
+
+        return residual_sublayer(x, attn, blk.input_layernorm, "pre", branch_hook)
 
     def ffn_sublayer(self, i, a, ctx, branch_hook=None):
         """a + MLP(RMSNorm₂(a))."""
         blk = self.blocks[i]
-        n = blk.post_attention_layernorm(a)
-        u = blk.mlp(n)
-        if branch_hook is not None:
-            u = branch_hook(n, u)
-        return a + u
+        return residual_sublayer(a, blk.mlp, blk.post_attention_layernorm, "pre", branch_hook)
 
     # -- planner facts (see Backbone) ------------------------------------------------------------------
     pooling = "the last real token: h[b, sum(attention_mask[b]) - 1] (B×d)"

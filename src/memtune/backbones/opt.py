@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.masking_utils import create_causal_mask
 
-from .base import Backbone, Context
+from .base import Backbone, Context, residual_sublayer
 from .side_network import PruneGroup, SideNetworkHooks, nearest_width, norm_step
 
 
@@ -127,12 +127,8 @@ class OPTBackbone(SideNetworkHooks, Backbone):
     # Pre-LN: x + branch(LN(x)), branch_input = LN(x); post-LN (OPT-350m): LN(x + branch(x)), branch_input = x.
     # `branch_hook(branch_input, branch_output) -> branch_output` edits the branch (B×T×d) after its dropout.
     def _sublayer(self, x, norm, branch, dropout, training, branch_hook):
-        pre = self.norm_position == "pre"
-        n = norm(x) if pre else x
-        u = F.dropout(branch(n), p=dropout, training=training)
-        if branch_hook is not None:
-            u = branch_hook(n, u)
-        return x + u if pre else norm(x + u)
+        return residual_sublayer(x, lambda n: F.dropout(branch(n), p=dropout, training=training), norm,
+                                 self.norm_position, branch_hook)
 
     def attention_sublayer(self, i, x, ctx, branch_hook=None):
         blk = self.blocks[i]

@@ -37,7 +37,7 @@ def test_registry_defaults_and_string_options():
     cfg = config_for("lst", {})
     assert isinstance(cfg, LSTConfig) and cfg.model_class is LSTModel
     assert (cfg.r, cfg.gate_temperature, cfg.keep_layers, cfg.init, cfg.fisher_samples, cfg.dropout) == \
-        (8, 0.1, None, "magnitude", 1024, 0.1)
+        (8, 0.1, None, "magnitude", 1024, None)
     cfg = config_for("lst", {"r": "4", "keep_layers": "3,1,2", "init": "fisher", "gate_temperature": "0.5",
                              "fisher_samples": "16", "dropout": "0"})
     assert (cfg.r, cfg.keep_layers, cfg.init, cfg.gate_temperature, cfg.fisher_samples, cfg.dropout) == \
@@ -49,6 +49,18 @@ def test_registry_defaults_and_string_options():
             config_for("lst", bad)
     with pytest.raises(ConfigError, match="do not exist"):
         wrap("tiny-bert", keep_layers=(1, 4))
+
+
+@pytest.mark.parametrize("name,field", [("tiny-bert", "hidden_dropout_prob"), ("tiny-dinov2", "hidden_dropout_prob"),
+                                        ("tiny-t5", "dropout_rate"), ("tiny-llama", None)])
+def test_side_dropout_defaults_to_the_backbones_own(name, field):
+    """dropout=None: the side path and side blocks drop as the backbone's blocks do (0 where it has none)."""
+    model = wrap(name)
+    own = float(getattr(model.backbone.config, field)) if field else 0.0
+    assert model.output_stack.drop.p == own                         # ladders' W0 / W_up inputs
+    if field:                                                       # the side blocks' residual dropout
+        assert all(getattr(cfg, field) == own for cfg in model.side_configs.values())
+    assert wrap(name, dropout=0.25).output_stack.drop.p == 0.25
 
 
 # -- §13.1 / §13.2: no gradient and no graph in the backbone -------------------------------------------------

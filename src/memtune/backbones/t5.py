@@ -21,6 +21,8 @@ class T5Backbone(SideNetworkHooks, Backbone):
     ia3_feedforward = ("wo",)
     adapter_sites = ("SelfAttention.o", "EncDecAttention.o", "DenseReluDense.wo")
     is_encoder_decoder = True
+    dropout_field = "dropout_rate"
+    activation_field = "dense_act_fn"
     capabilities = frozenset({"encoder_decoder", "side_network"})
 
     @property

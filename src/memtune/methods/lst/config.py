@@ -19,7 +19,7 @@ class LSTFields:
     keep_layers: tuple[int, ...] | None = None
     init: str = "magnitude"
     fisher_samples: int = 1024
-    dropout: float = 0.1
+    dropout: float | None = None
 
 
 @dataclass
@@ -46,6 +46,9 @@ class LSTConfig(SideNetworkOptions, LSTFields, TrunkCacheOptions, MethodConfig):
                                      ablation reports it as worse).
     fisher_samples    number of single-example backward passes for the Fisher importance (paper: 1024).
     dropout           dropout of the side path (W0 input, the input of W_up) and of the side blocks.
+                      None (default): the backbone's own residual dropout (T5 and BERT-like 0.1 as the
+                      paper's T5 runs; ViT/DINOv2 and Llama 0, so a backbone trained without dropout does
+                      not get a side network that drops 10 % of its features).
     attention         the side blocks' attention kernel: "sdpa" (fused attention: no B·H·T² maps are
                       stored for backward; on the CPU PyTorch's flash kernel runs when the attention-
                       probability dropout is 0), "eager" (as the paper measured: softmax output, dropout
@@ -79,7 +82,8 @@ class LSTConfig(SideNetworkOptions, LSTFields, TrunkCacheOptions, MethodConfig):
         check(self.gate_temperature > 0, f"lst.gate_temperature must be > 0, got {self.gate_temperature}")
         check(self.init in INITS, f"lst.init must be one of {', '.join(INITS)}; got {self.init!r}")
         check(self.fisher_samples >= 1, f"lst.fisher_samples must be >= 1, got {self.fisher_samples}")
-        check(0 <= self.dropout < 1, f"lst.dropout must be in [0, 1), got {self.dropout}")
+        check(self.dropout is None or 0 <= self.dropout < 1,
+              f"lst.dropout must be in [0, 1) or None (the backbone's own), got {self.dropout}")
         self.validate_side_options()
         self.validate_trunk_cache()
         if self.keep_layers is not None:
@@ -88,6 +92,10 @@ class LSTConfig(SideNetworkOptions, LSTFields, TrunkCacheOptions, MethodConfig):
             check(all(i >= 0 for i in keep), f"lst.keep_layers must be 0-indexed layer numbers >= 0, got {keep}")
             check(len(set(keep)) == len(keep), f"lst.keep_layers has duplicates: {keep}")
             self.keep_layers = tuple(sorted(keep))
+
+    def side_dropout(self, backbone) -> float:
+        """`dropout`, or the backbone's residual dropout where it is None."""
+        return backbone.hidden_dropout if self.dropout is None else self.dropout
 
     def kept(self, num_layers: int) -> tuple[int, ...]:
         """The kept layers K for a stack of `num_layers` blocks (checked against its depth)."""

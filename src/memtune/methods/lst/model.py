@@ -99,9 +99,9 @@ class LSTModel(MemtuneModel):
     def _add_stack(self, name, keep):
         bb, mc = self.backbone, self.method_config
         decoder = self.mirrors_decoder[name]
-        attention = self.side_attention
-        cfg = bb.side_config(bb.stack_config(decoder), mc.r, keep=keep, dropout=mc.dropout, attention=attention,
-                             attention_dropout=mc.side_attention_dropout(attention, mc.dropout),
+        attention, dropout = self.side_attention, mc.side_dropout(bb)
+        cfg = bb.side_config(bb.stack_config(decoder), mc.r, keep=keep, dropout=dropout, attention=attention,
+                             attention_dropout=mc.side_attention_dropout(attention, dropout),
                              heads=mc.side_heads)
         self.side_configs[name] = cfg
         side_blocks = [bb.make_side_block(cfg, j, decoder) for j in range(len(keep))]
@@ -109,7 +109,7 @@ class LSTModel(MemtuneModel):
         for m in [*side_blocks, norm]:
             bb.init_side_weights(m, cfg)
         self.stacks[name] = SideStack(bb.hidden_size, cfg.hidden_size, len(self._backbone_blocks(name)), keep,
-                                      side_blocks, norm, mc.dropout, mc.gate_temperature, mc.tap_storage)
+                                      side_blocks, norm, dropout, mc.gate_temperature, mc.tap_storage)
 
     # -- pruned-weight initialisation (docs/methods/lst.md §8) ------------------------------------------------
     def init_from_importance(self, importance) -> dict:

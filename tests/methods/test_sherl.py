@@ -9,6 +9,7 @@ import memtune
 from memtune.memory.saved import count_saved_inside, saved_bytes
 from memtune.methods.base import ConfigError
 from memtune.methods.sherl import MTSA, SHERLConfig, collected_blocks, layer_weights, mtsa_param_count, redundancy
+from memtune.methods.sherl.mtsa import GatedProjection
 from memtune.models import load_model
 
 FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2"]
@@ -49,20 +50,47 @@ def random_feats(n=5, B=2, K=7, D=16, seed=0):
 # -- config ---------------------------------------------------------------------------------------
 def test_config_defaults_strings_and_errors():
     c = SHERLConfig()
-    assert (c.r, c.late_layers, c.gate_init, c.temperature, c.projection, c.restore, c.drop_every) == (
-        4, 1, 0.0, 0.1, "auto", "linear", None)
+    assert (c.recipe, c.r, c.late_layers, c.gate_init, c.temperature, c.projection, c.restore, c.init,
+            c.drop_every) == ("auto", None, 1, 0.0, 0.1, "auto", None, None, None)
     c = memtune.config_for("sherl", {"r": "8", "late_layers": "2", "temperature": "0.2", "drop_every": "none",
                                      "projection": "gated"})
     assert (c.r, c.late_layers, c.temperature, c.drop_every, c.projection) == (8, 2, 0.2, None, "gated")
     assert memtune.SHERLConfig is SHERLConfig and memtune.METHODS["sherl"] is SHERLConfig
     for bad in ({"r": 0}, {"late_layers": 0}, {"temperature": 0}, {"projection": "conv"},
-                {"restore": "mlp"}, {"drop_every": -1}):
+                {"restore": "mlp"}, {"drop_every": -1}, {"recipe": "vse"}, {"init": "normal"}):
         with pytest.raises(ConfigError, match="sherl"):
             memtune.config_for("sherl", bad)
     with pytest.raises(ConfigError, match=r"late_layers=4 .*allowed: 1\.\.3"):
         make("tiny-bert", late_layers=4)
     with pytest.raises(ConfigError, match=r"r=65 .*allowed: 1\.\.64"):
         make("tiny-bert", r=65)
+
+
+@pytest.mark.parametrize("name,fork", [("tiny-t5", "t5"), ("tiny-vit", "clip-vil"), ("tiny-bert", "vse-text"),
+                                       ("tiny-llama", "vse-text")])
+def test_default_recipe_is_the_fork_of_the_backbones_kind(name, fork):
+    """Side width, P_l, U and init follow the released fork of the same kind (docs/methods/sherl.md §2–§3)."""
+    model = make(name)
+    D, d = model.backbone.hidden_size, model.side_width
+    mtsa = model.mtsa
+    gated = isinstance(mtsa.proj[0], GatedProjection)
+    restore_ln = isinstance(mtsa.up, nn.Sequential)
+    assert (D // d, gated, restore_ln) == {"t5": (4, True, False), "clip-vil": (2, True, False),
+                                           "vse-text": (2, False, True)}[fork]
+    assert memtune.METHODS["sherl"].lr_for(model.backbone.family) == (3e-3 if fork == "t5" else 5e-4)
+    weights = torch.cat([m.weight.flatten() for m in mtsa.modules() if isinstance(m, nn.Linear) and m.out_features > 1])
+    biases = [m.bias for m in mtsa.modules() if isinstance(m, nn.Linear) and m is not mtsa.relevance]
+    if fork == "vse-text":                                      # PyTorch's default: uniform, biases drawn too
+        assert any(b.abs().sum() > 0 for b in biases)
+    else:                                                       # N(0, σ²) weights, zero biases
+        sigma = 0.01 if fork == "t5" else 0.02
+        assert all((b == 0).all() for b in biases)
+        assert abs(weights.std().item() / sigma - 1) < 5 / weights.numel() ** 0.5 * 2
+    assert (mtsa.relevance.bias == 1).all()                     # b_a = 1 whatever the init
+    # An explicit option overrides the recipe; another fork by name.
+    assert make(name, r=8).side_width == D // 8
+    other = make(name, recipe="t5" if fork != "t5" else "vse-text", init="xavier")
+    assert isinstance(other.mtsa.proj[0], GatedProjection) == (fork != "t5")
 
 
 def test_collected_blocks_follow_the_released_t5_pattern():

@@ -9,14 +9,15 @@ Only the collected features F_l (saved by the trainable projections P_l), the MT
 the L late blocks' activations are kept for backward (Diao et al., "SHERL", ECCV 2024).
 
 Choices where the description leaves room (each is tested in tests/methods/test_sherl.py):
-- Side width: d = hidden_size // r. The released T5 config uses r = 4 (d = 192 on T5-base); which r the
-  paper's tables used is unknown, so r is a field (default 4).
-- Projections P_l: `projection="auto"` picks the gated adapter on encoder–decoder backbones (T5), as the
-  released T5 code, and Linear → LayerNorm elsewhere (mtsa.py).
+- Recipe: side width d = hidden_size // r, the projections P_l, the restore U, the init of the MTSA's maps
+  and the collected layers come from the released fork of the backbone's kind (config.RECIPES: the T5 fork
+  on encoder–decoders, d = D/4, gated P_l; CLIP-ViL on vision encoders, d = D/2, gated P_l, N(0, 0.02²);
+  VSE∞'s BERT text tower on text encoders and decoders, d = D/2, Linear → LN P_l and U, PyTorch's init);
+  each is an option that overrides it. Which r the paper's tables used is unknown.
 - Which early outputs are collected: all of them (embedding + every early block) except that
   `drop_every=k` skips the outputs of 0-indexed blocks i with i % k == 0. The released T5 config does
-  this with k = 4 (encoder: embedding + {1,2,3,5,6,7,9,10,11}; decoder: embedding + {1,2,3,5,6,7,9,10}),
-  so `drop_every=None` means 4 on encoder–decoders and 0 (keep all) elsewhere. The guide F_{N-L} is
+  this with k = 4 (encoder: embedding + {1,2,3,5,6,7,9,10,11}; decoder: embedding + {1,2,3,5,6,7,9,10});
+  the other forks collect every output (k = 0). The guide F_{N-L} is
   always kept.
 - `late_layers=L > 1` is a library extension (the paper always uses one late layer): the MTSA feeds
   the first of the last L blocks, which all run frozen with gradient flowing through them.
@@ -55,13 +56,11 @@ class SHERLModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
         D = backbone.hidden_size
-        d = D // config.r
-        check(d >= 1, f"sherl.r={config.r} leaves a side width of 0 for hidden size {D}; allowed: 1..{D}")
+        recipe = self.recipe = config.resolved(backbone)      # r, projection, restore, init, drop_every
+        d = D // recipe["r"]
+        check(d >= 1, f"sherl.r={recipe['r']} leaves a side width of 0 for hidden size {D}; allowed: 1..{D}")
         encoder_decoder = backbone.is_encoder_decoder
-        projection = config.projection
-        if projection == "auto":
-            projection = "gated" if encoder_decoder else "linear-ln"
-        drop_every = config.drop_every if config.drop_every is not None else (4 if encoder_decoder else 0)
+        drop_every = recipe["drop_every"]
         depth = len(backbone.output_blocks)
         check(config.late_layers < depth,
               f"sherl.late_layers={config.late_layers} leaves no early layer in this {depth}-layer "
@@ -70,8 +69,8 @@ class SHERLModel(MemtuneModel):
         self.side_width = d
 
         def mtsa(n):
-            return MTSA(n, D, d, projection, config.restore, config.gate_init, config.temperature,
-                        config.tap_storage)
+            return MTSA(n, D, d, recipe["projection"], recipe["restore"], config.gate_init, config.temperature,
+                        config.tap_storage, recipe["init"])
 
         self.taps = collected_blocks(self.num_early, drop_every)
         self.mtsa = mtsa(1 + len(self.taps))

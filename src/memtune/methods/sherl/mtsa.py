@@ -61,6 +61,22 @@ def make_restore(kind: str, d: int, D: int) -> nn.Module:
     return nn.Linear(d, D)                                   # B×K×d → B×K×D
 
 
+def init_linears(module: nn.Module, kind: str) -> None:
+    """The MTSA's linear maps as a released fork starts them (config.INITS): "pytorch" leaves PyTorch's default;
+    "normal-σ" draws weights from N(0, σ²) with zero biases (T5 fork 0.01, CLIP-ViL 0.02); "xavier" draws
+    Xavier-uniform weights with zero biases (MDETR)."""
+    if kind == "pytorch":
+        return
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            if kind == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.normal_(m.weight, std=float(kind.split("-", 1)[1]))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def redundancy(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E: B×K×M×d → (S: B×K×M×M cosine similarities, ρ = ReLU(S)·𝟙: B×K×M)."""
     E_hat = E / E.norm(dim=-1, keepdim=True).clamp_min(EPS)
@@ -79,18 +95,19 @@ class MTSA(nn.Module):
 
     def __init__(self, num_features: int, D: int, d: int, projection: str = "linear-ln",
                  restore: str = "linear", gate_init: float = 0.0, temperature: float = 0.1,
-                 tap_storage: str = "full"):
+                 tap_storage: str = "full", init: str = "pytorch"):
         super().__init__()
         if num_features < 2:
             raise ConfigError(f"sherl: the aggregator needs at least 2 collected features, got {num_features}")
         self.proj = nn.ModuleList(make_projection(projection, D, d, tap_storage) for _ in range(num_features))
         self.relevance = nn.Linear(d, 1)                     # w_a ∈ ℝ^d, scalar b_a
+        self.up = make_restore(restore, d, D)
+        init_linears(self, init)
         # b_a = 1 (PyTorch's default draws it from ±1/√d): m = ReLU(·) must start positive. A feature whose
         # m is zero on every token gets α = 0 and no gradient, and once a single feature is left alive the
         # normalisation makes its α ≡ 1, so w_a gets none either: the aggregation is off for good. With the
         # default draw that happened on tiny T5 for 10 of 20 seeds; with b_a = 1 every feature starts live.
         nn.init.ones_(self.relevance.bias)
-        self.up = make_restore(restore, d, D)
         # Shape (1,), not a 0-dim scalar: FSDP2 refuses to shard 0-dim parameters.
         self.gamma = nn.Parameter(torch.full((1,), float(gate_init)))
         self.temperature = temperature

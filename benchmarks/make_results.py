@@ -211,6 +211,37 @@ def targets_section() -> str:
     return "\n".join(rows)
 
 
+def convergence_targets(add) -> None:
+    """Accuracy at convergence (mean of 3 seeds): every memory-efficient method within 1 point of full fine-tuning
+    (issue 13) and the side methods within 1 point of LoRA + checkpointing (issue 20)."""
+    for task, title in SHORT.items():
+        done = {}
+        for f in sorted((HERE / "convergence" / task).glob("*.json")):
+            for r in json.loads(f.read_text())["records"]:
+                if "error" not in r and r.get("accuracy_mean") is not None:
+                    done[r["method"] + "".join("+" + t for t in r.get("techniques") or ())] = r
+        full, gc = done.get("full"), done.get("lora+gc")
+        for name, r in done.items():
+            if name == "full" or name == "linear":
+                continue
+            ci = f" ± {r['accuracy_ci95']:.3f}" if r.get("accuracy_ci95") else ""
+            if full:
+                gap = 100 * (full["accuracy_mean"] - r["accuracy_mean"])
+                add(f"{name} accuracy vs full fine-tuning at convergence, {title} (3 seeds)",
+                    f"{r['accuracy_mean']:.3f}{ci}: {abs(gap):.1f} points {'below' if gap >= 0 else 'above'}",
+                    "within 1 point", gap <= 1.0)
+            if gc and name in ("lst", "sherl", "qst"):
+                gap = 100 * (gc["accuracy_mean"] - r["accuracy_mean"])
+                add(f"{name} accuracy vs LoRA+gc at convergence, {title} (3 seeds)",
+                    f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'}", "within 1 point", gap <= 1.0)
+        probe = done.get("linear")
+        if probe:
+            for name in ("lst", "dtl"):
+                if name in done and task.startswith("dinov2"):
+                    d = done[name]["accuracy_mean"] - probe["accuracy_mean"]
+                    add(f"{name} at or above the linear probe, {title}", f"{100 * d:+.1f} points", "≥ 0", d >= 0)
+
+
 def _planned(title_start: str) -> dict:
     path = HERE / "plan_large.json"
     if not path.exists():
@@ -239,6 +270,7 @@ def memory_targets(cpu: dict, add) -> None:
         gap = 100 * (gc["accuracy"] - cpu[best]["accuracy"])
         add(f"{best} accuracy vs LoRA+gc, MiniLM + Rotten Tomatoes (one seed)",
             f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'}", "within 1 point", gap <= 1.0)
+    convergence_targets(add)
     small = _planned("smollm2-135m, 8 × 1024")
     if "qst+nf4" in small and "lora+nf4+gc" in small:
         ref = small["lora+nf4+gc"]
@@ -285,7 +317,11 @@ def smollm2_section() -> str:
     return "\n".join(out)
 
 
-CONVERGENCE = {"minilm-rotten-tomatoes": "MiniLM on the full Rotten Tomatoes training split (10,174 / 2,578), 2 epochs"}
+CONVERGENCE = {"minilm-rotten-tomatoes": "MiniLM on the full Rotten Tomatoes training split (10,174 / 2,578), 2 epochs",
+               "dinov2s-fashion-mnist": "DINOv2-S on 5,000 / 5,000 Fashion-MNIST images at 112 px, 3 epochs"}
+BUDGET = {"minilm-rotten-tomatoes": "about 15 minutes per seed for full fine-tuning",
+          "dinov2s-fashion-mnist": "wall times in the table"}
+SHORT = {"minilm-rotten-tomatoes": "MiniLM + Rotten Tomatoes", "dinov2s-fashion-mnist": "DINOv2-S + Fashion-MNIST"}
 
 
 def convergence_section() -> str:
@@ -304,7 +340,7 @@ def convergence_section() -> str:
                 f"Command: `python benchmarks/convergence.py --task {task.split('-')[0]}` (each method: `memtune compare "
                 f"--methods M --seeds 0,1,2`, batch {s['batch_size']} × {s['max_length']}, {s['epochs']:g} epochs, default "
                 f"learning rates, {s['precision']}; side methods replay the frozen trunk from epoch 2). Budget: one "
-                "CPU thread per run, about 15 minutes per seed for full fine-tuning; methods not listed did not finish "
+                f"CPU thread per run, {BUDGET[task]}; methods not listed did not finish "
                 "within the session; wall times (training and evaluation of one seed) were taken while other jobs shared the "
                 "two cores. Interval: 95 % Student t over the seeds. Peak: one step at batch "
                 f"{s['memory_batch_size']} × {s['memory_max_length']} (CPU tracker).", "",

@@ -9,8 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
 # whenever a test starts a child process (compare, DDP, kill-and-resume).
 torch.set_num_threads(1)
 
-TINY_TEXT = ("tiny-bert", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2")
-TINY_IMAGE = ("tiny-vit", "tiny-dinov2")
+TINY_TEXT = ("tiny-bert", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-deberta-v2", "tiny-modernbert", "tiny-phi3", "tiny-gpt-neox", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3")
+TINY_IMAGE = ("tiny-vit", "tiny-dinov2", "tiny-clip-vision", "tiny-siglip-vision", "tiny-swin")
 TINY = TINY_TEXT + TINY_IMAGE
 
 
@@ -31,7 +31,7 @@ def requires_rotten_tomatoes():
 def tiny_batch(model, batch_size=2, length=12, labels=True):
     """A batch for a wrapped model: class labels, or next-token labels for causal LMs."""
     gen = torch.Generator().manual_seed(0)
-    b = model.backbone.example_batch(batch_size, length if model.backbone.family != "vit" else None)
+    b = model.backbone.example_batch(batch_size, length if model.backbone.modality != "image" else None)
     if "input_ids" in b:
         b["input_ids"] = torch.randint(5, 60, b["input_ids"].shape, generator=gen)
     else:

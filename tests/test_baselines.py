@@ -55,9 +55,13 @@ def expected_trainable(model, method) -> int:
     raise KeyError(method)
 
 
+def has_bias(name) -> bool:
+    return any(n.endswith("bias") for n, _ in load_model(name).model.named_parameters())
+
+
 def applicable(name, method):
-    # T5 and Llama have no bias terms: BitFit refuses them (tested below).
-    return not (method == "bitfit" and name in ("tiny-t5", "tiny-llama"))
+    # Families without bias terms (T5, Llama, Phi-3, ...): BitFit refuses them (tested below).
+    return not (method == "bitfit" and not has_bias(name))
 
 
 CASES = [(n, m) for n in TINY for m in BASELINES if applicable(n, m)]
@@ -148,3 +152,20 @@ def test_encoders_need_num_labels():
 def test_bad_config_values_fail_at_construction(options, match):
     with pytest.raises(ConfigError, match=match):
         memtune.config_for("lora", options)
+
+
+def test_full_classifier_leaves_an_untied_lm_head_frozen():
+    """A decoder classifier never computes vocabulary logits: an untied LM head gets no gradient, so full
+    fine-tuning does not train it (it would only hold AdamW state); every trainable tensor gets a gradient."""
+    from transformers import LlamaForCausalLM
+
+    config = load_model("tiny-llama").model.config
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = memtune.wrap(LlamaForCausalLM(config), "full", num_labels=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "backbone.model.lm_head.weight" not in trainable and "backbone.model.model.embed_tokens.weight" in trainable
+    model(**tiny_batch(model)).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+    lm = memtune.wrap(LlamaForCausalLM(config), "full")                  # causal LM: the head is the output
+    assert lm.get_parameter("backbone.model.lm_head.weight").requires_grad

@@ -20,5 +20,5 @@ def test_matrix_follows_requirements_and_capabilities():
     dtl = next(line for line in lines if line.startswith("| `dtl` |"))
     cells = [c.strip() for c in dtl.strip("|").split("|")][1:]
     # DTL needs one bidirectional encoder stack: the encoder families (no decoder, no encoder-decoder).
-    encoders = ("bert", "vit", "distilbert")
+    encoders = ("bert", "vit", "distilbert", "modernbert", "deberta-v2", "swin", "clip-vision", "siglip-vision")
     assert dict(zip(families, cells)) == {f: ("✓" if f in encoders else "–") for f in families}

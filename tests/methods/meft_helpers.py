@@ -10,7 +10,7 @@ from memtune.tokenizer import VOCAB_SIZE
 
 from ..conftest import tiny_batch
 
-FAMILIES = ("tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2")
+FAMILIES = ("tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-modernbert", "tiny-phi3", "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3")
 
 
 def hf_model(kind="bert", layers=4, dtype=torch.float32, seed=0):

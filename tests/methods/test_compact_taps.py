@@ -103,7 +103,7 @@ def _wrap(method, name, **opts):
 
 def _batch(model, b=3, t=12):
     g = torch.Generator().manual_seed(1)
-    if model.backbone.family == "vit":
+    if model.backbone.modality == "image":
         return {"pixel_values": torch.randn(b, 3, 32, 32, generator=g), "labels": torch.arange(b) % 2}
     ids = torch.randint(5, 60, (b, t), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(b) % 2}

@@ -139,7 +139,7 @@ def test_parameter_count_bert():
 
 # -- starting point ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["dtl", "dtl+"])
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-dinov2", "tiny-bert"])
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-dinov2", "tiny-bert", "tiny-swin"])
 def test_output_at_init_equals_backbone(name, method):
     m = wrap(name, method, kernel=4).eval()
     batch = batch_for(name)
@@ -154,7 +154,7 @@ def test_output_at_init_equals_backbone(name, method):
 
 # -- gradients -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["dtl", "dtl+"])
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-bert"])
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-bert", "tiny-swin"])
 def test_gradients_at_step_zero(name, method):
     m = wrap(name, method)
     m(**batch_for(name)).loss.backward()
@@ -167,9 +167,14 @@ def test_gradients_at_step_zero(name, method):
 
 
 # -- disentanglement -----------------------------------------------------------------------------------
+def hidden_of(out):
+    """A block's output states (HF's SwinLayer returns (states, attention weights))."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def block_outputs(model, run):
     outs = {}
-    hooks = [b.register_forward_hook(lambda mod, a, o, i=i: outs.__setitem__(i, o.detach().clone()))
+    hooks = [b.register_forward_hook(lambda mod, a, o, i=i: outs.__setitem__(i, hidden_of(o).detach().clone()))
              for i, b in enumerate(model.backbone.blocks)]
     try:
         run()
@@ -179,12 +184,12 @@ def block_outputs(model, run):
     return outs
 
 
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-bert"])
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-bert", "tiny-swin"])
 def test_trunk_is_pretrained_exact_and_later_blocks_differ(name):
     m = wrap(name, "dtl+")
     randomize_side(m)
     batch = batch_for(name, seed=3)
-    real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones(2, 17, dtype=torch.bool)
+    real = batch["attention_mask"].bool() if "attention_mask" in batch else slice(None)   # images: every row
     bb = m.backbone
     ref = block_outputs(m, lambda: bb.eval()(batch))
     m.train()                                    # the trunk runs in eval mode even while training
@@ -204,7 +209,7 @@ def test_trunk_dropout_option_runs_trunk_in_train_mode():
     assert not torch.equal(got[0], ref[0])       # BERT dropout 0.1 now active in block 0
 
 
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-bert"])
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-bert", "tiny-swin"])
 def test_frozen_trunk_records_nothing(name):
     m = wrap(name, "dtl+").train()
     bb = m.backbone
@@ -218,7 +223,8 @@ def test_frozen_trunk_records_nothing(name):
         m(**batch).loss
     assert after.count > 0 and after.bytes > 0   # the same probe sees the blocks on the backprop path
     outs = {}
-    hooks = [b.register_forward_hook(lambda mod, a, o, i=i: outs.__setitem__(i, o)) for i, b in enumerate(bb.blocks)]
+    hooks = [b.register_forward_hook(lambda mod, a, o, i=i: outs.__setitem__(i, hidden_of(o)))
+             for i, b in enumerate(bb.blocks)]
     m(**batch)
     for h in hooks:
         h.remove()
@@ -334,6 +340,96 @@ def test_save_and_load_roundtrip(tmp_path):
     batch = image_batch()
     with torch.no_grad():
         assert torch.equal(m(**batch).logits, back(**batch).logits)
+
+
+# -- Swin: a new side state per stage (docs/methods/dtl.md §6, §11.7) -------------------------------------------
+def swin_b_config():
+    from transformers import SwinConfig
+
+    return SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7, patch_size=4)
+
+
+def test_swin_defaults_follow_the_stages():
+    m = wrap("tiny-swin")                      # stages: blocks 0..1 at width 16, blocks 2..3 at width 32
+    assert (m.s0, m.read_blocks, m.add_blocks) == (1, (0, 1, 2, 3), (1, 2, 3))
+    assert [tuple(m.reads[str(i)].up.weight.shape) for i in m.read_blocks] == [(16, 2), (16, 2), (32, 2), (32, 2)]
+    assert set(m.stage_inject) == {"0", "1"} and not hasattr(m, "inject")
+    assert m.feature_size == 32 and m.head.in_features == 32         # the last stage's width
+    late = wrap("tiny-swin", add_blocks=(3,))
+    assert late.read_blocks == (2, 3) and set(late.stage_inject) == {"1"}   # reads start at the stage's start
+
+
+@pytest.mark.parametrize("method, kernel, expected", [("dtl", 5, 90_112), ("dtl+", 5, 90_112 + 38_400)])
+@pytest.mark.parametrize("add", [tuple(range(14, 24)), None])        # the reference's S, and the default 13..23
+def test_parameter_count_swin_b(method, kernel, expected, add):
+    from transformers import SwinModel
+
+    with torch.device("meta"):
+        m = memtune.wrap(SwinModel(swin_b_config()), config_for(method, {"rank": 4, "kernel": kernel,
+                                                                          "add_blocks": add}), num_labels=10)
+    assert m.read_blocks == tuple(range(4, 24))                       # taps 4..23: stages 0-1 have no side network
+    side = sum(p.numel() for n, p in m.trainable_named_parameters() if not n.startswith("head."))
+    assert side == expected          # 2·r·(18·512 + 2·1024); DTL+: one k×k conv per stage with add-backs (512, 1024)
+    convs = [n for n, p in m.named_parameters() if p.requires_grad and p.dim() == 4]
+    assert convs == (["stage_inject.2.conv.weight", "stage_inject.3.conv.weight"] if method == "dtl+" else [])
+
+
+@pytest.mark.parametrize("method", ["dtl", "dtl+"])
+def test_swin_state_restarts_at_each_stage(method):
+    m = wrap("tiny-swin", method, kernel=3).eval()
+    randomize_side(m)
+    with torch.no_grad():
+        for i in (2, 3):                                              # stage 1: B_i = 0
+            m.reads[str(i)].up.weight.zero_()
+    seen = {k: [] for k in ("0", "1")}
+    hooks = [m.stage_inject[k].register_forward_hook(lambda mod, a, o, k=k: seen[k].append(o)) for k in seen]
+    with torch.no_grad():
+        m(**image_batch())
+    for h in hooks:
+        h.remove()
+    assert len(seen["0"]) == 1 and len(seen["1"]) == 2
+    assert seen["0"][0].abs().max() > 0                               # stage 0 injects
+    assert all(torch.count_nonzero(o) == 0 for o in seen["1"])       # stage 0's state never reaches stage 1
+
+
+def test_swin_add_back_lands_before_the_patch_merging():
+    m = wrap("tiny-swin", "dtl+", add_blocks=(1,), kernel=3).eval()  # reads 0, 1; block 1 ends stage 0
+    randomize_side(m)
+    batch = image_batch()
+    bb = m.backbone
+    with torch.no_grad():
+        x0, ctx = bb.embed(batch)
+        x1 = bb.run_block(0, x0, ctx)
+        y = bb.run_block_in_stage(1, x1, ctx)                         # B×256×16, before the merge
+        h = sum(x @ m.reads[str(i)].down.weight.T @ m.reads[str(i)].up.weight.T for i, x in ((0, x0), (1, x1)))
+        u = h * torch.sigmoid(100 * h)
+        grid = u.transpose(1, 2).reshape(2, 16, 16, 16)               # no [CLS]: the whole 16×16 map
+        g = F.conv2d(F.pad(grid, (1, 1, 1, 1)), m.stage_inject["0"].conv.weight, groups=16).flatten(2).transpose(1, 2)
+        x = bb.stage_transition(1, y + g, ctx)                        # then the merge: B×64×32
+        for i in (2, 3):
+            x = bb.run_block(i, x, ctx)
+        expect = m.head(bb.pool(bb.finish(x, ctx), ctx))              # final LN on every token, then the mean
+        assert torch.allclose(m(**batch).logits, expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("opts, fragment", [
+    ({"read_blocks": (0, 1, 2, 3), "add_blocks": (2, 3)}, "block(s) [0, 1] read stage 0 (blocks 0..1), which has no add-back"),
+    ({"read_blocks": (0, 1), "add_blocks": (1, 2)},
+     "the first add-back of stage 1 (blocks 2..3) (after block 2) comes before the first read block of stage 1"),
+    ({"read_blocks": (0, 1, 2, 3), "add_blocks": (0, 2, 3)}, "block(s) [1] come after the last add-back of stage 0"),
+])
+def test_swin_bad_block_sets(opts, fragment):
+    with pytest.raises(ConfigError) as e:
+        wrap("tiny-swin", **opts)
+    assert fragment in str(e.value)
+
+
+def test_swin_trunk_cache_in_a_later_stage_is_bit_identical():
+    opts = {"add_blocks": (2, 3)}                                     # trunk: stage 0, the merge, block 2
+    plain, _, _ = train_losses("tiny-swin", **opts)
+    cached, calls, m = train_losses("tiny-swin", cache_trunk=True, **opts)
+    assert cached == plain and plain[3:] != plain[:3]
+    assert calls == [3, 0] and m.trunk_cache.hits == 3
 
 
 # -- memory at ViT-B/16 shapes ---------------------------------------------------------------------------

@@ -44,8 +44,11 @@ def test_float32_islands_are_found_and_removed():
         layers = model.reversible_indices
         return working_precision(stream, layers, *exact_states(stream, layers, h, h))
 
-    # Llama's RMSNorm and eager softmax, and ViT's and OPT's eager softmax, round to float32 in a float64 model.
-    islands = {"tiny-vit": torch.float32, "tiny-llama": torch.float32, "tiny-opt": torch.float32}
+    # Llama-like RMSNorms and eager softmax (Llama, Phi-3, Qwen3, Gemma), ModernBERT's rotary step, and the eager
+    # softmax of ViT, OPT and the CLIP / SigLIP towers round to float32 in a float64 model.
+    islands = {n: torch.float32 for n in ("tiny-vit", "tiny-llama", "tiny-opt", "tiny-modernbert", "tiny-phi3",
+                                          "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2",
+                                          "tiny-gemma3")}
     assert [precision(n) for n in FAMILIES] == [islands.get(n, torch.float64) for n in FAMILIES]
     with stream_precision_throughout():
         assert [precision(n) for n in FAMILIES] == [torch.float64] * len(FAMILIES)

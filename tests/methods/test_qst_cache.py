@@ -26,7 +26,7 @@ def wrap(name, **opts):
 
 
 def batch_of(model, ids):
-    if model.backbone.family == "vit":
+    if model.backbone.modality == "image":
         return image_batch(ids)
     b = text_batch(ids, [LENGTHS[e] for e in ids])
     if model.objective == "causal-lm":

@@ -12,7 +12,7 @@ from memtune.methods.sherl import MTSA, SHERLConfig, collected_blocks, layer_wei
 from memtune.methods.sherl.mtsa import GatedProjection
 from memtune.models import load_model
 
-FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2"]
+FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-modernbert", "tiny-deberta-v2", "tiny-phi3", "tiny-gpt-neox", "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"]
 
 
 
@@ -22,7 +22,7 @@ def make(name, num_labels=3, **options):
 
 def batch_for(model, B=2, T=9, labels=True):
     torch.manual_seed(1)
-    if model.backbone.family == "vit":
+    if model.backbone.modality == "image":
         batch = model.backbone.example_batch(B)
     else:
         batch = model.backbone.example_batch(B, T)

@@ -3,11 +3,18 @@ from __future__ import annotations
 
 from .base import Backbone, Context, UnsupportedModel
 from .bert import BertLikeBackbone
+from .deberta import DebertaV2Backbone
 from .distilbert import DistilBertBackbone
+from .gemma import GemmaBackbone
 from .gpt2 import GPT2Backbone
+from .gpt_neox import GPTNeoXBackbone
 from .llama import LlamaLikeBackbone
+from .modernbert import ModernBertBackbone
 from .opt import OPTBackbone
+from .phi3 import Phi3Backbone
+from .swin import SwinBackbone
 from .t5 import T5Backbone
+from .vision_tower import CLIPVisionBackbone, SiglipVisionBackbone
 from .vit import ViTLikeBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
@@ -15,10 +22,16 @@ FAMILIES: dict[str, type[Backbone]] = {
     "mpnet": BertLikeBackbone,
     "vit": ViTLikeBackbone, "dinov2": ViTLikeBackbone,
     "t5": T5Backbone,
-    "llama": LlamaLikeBackbone, "mistral": LlamaLikeBackbone, "qwen2": LlamaLikeBackbone,
+    "llama": LlamaLikeBackbone, "mistral": LlamaLikeBackbone, "qwen2": LlamaLikeBackbone, "qwen3": LlamaLikeBackbone,
     "opt": OPTBackbone,
     "gpt2": GPT2Backbone,
+    "gemma2": GemmaBackbone, "gemma3_text": GemmaBackbone,
+    "phi3": Phi3Backbone, "gpt_neox": GPTNeoXBackbone,
     "distilbert": DistilBertBackbone,
+    "deberta-v2": DebertaV2Backbone,
+    "modernbert": ModernBertBackbone,
+    "clip_vision_model": CLIPVisionBackbone, "siglip_vision_model": SiglipVisionBackbone,
+    "swin": SwinBackbone,
 }
 
 

@@ -18,6 +18,7 @@ blocks), `token_layout` ("grid" when the last rows·cols tokens are an image's p
 """
 from __future__ import annotations
 
+import bisect
 import copy
 from typing import Any, ClassVar
 
@@ -74,8 +75,12 @@ class Backbone(nn.Module):
     is_encoder_decoder: ClassVar[bool] = False
     # What the family offers, for methods to require (MethodConfig.requires): "encoder" (one bidirectional
     # stack), "decoder" (one causal stack), "encoder_decoder", "single_stack" (encoder or decoder),
-    # "sublayers" (attention_sublayer / ffn_sublayer), "side_network" (the side-network hooks LST and QST use).
+    # "sublayers" (attention_sublayer / ffn_sublayer), "side_network" (the side-network hooks LST and QST use),
+    # "one_width" (every block has the same width d: granted from `one_width` below, not listed by hand).
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    # False for hierarchical backbones whose width changes per stage (Swin); they then lack "one_width", which
+    # the methods whose side modules have one width d require.
+    one_width: ClassVar[bool] = True
     # Where each block normalises: "post" (x → LN(x + branch(x)), BERT) or "pre" (x + branch(Norm(x))).
     norm_position: ClassVar[str] = "pre"
     # "sequence", or "grid" when the last rows·cols tokens form the patch grid ctx["grid"] = (rows, cols).
@@ -84,6 +89,11 @@ class Backbone(nn.Module):
     # Config fields of the blocks' residual dropout and FFN activation (adapters that a method adds match them).
     dropout_field: ClassVar[str] = "hidden_dropout_prob"
     activation_field: ClassVar[str] = "hidden_act"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        declared = frozenset(cls.capabilities)
+        cls.capabilities = (declared | {"one_width"}) if cls.one_width else (declared - {"one_width"})
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -120,6 +130,39 @@ class Backbone(nn.Module):
     def activation(self) -> str:
         """Name of the feed-forward activation (transformers' ACT2FN key)."""
         return getattr(self.config, self.activation_field, "gelu")
+
+    # -- stages: blocks grouped by width (hierarchical backbones, e.g. Swin) ----------------------------
+    # Most families keep one width d and one token grid through every block: one stage. A hierarchical one
+    # groups its blocks into stages of their own width and grid, joined by a frozen transition (Swin: patch
+    # merging, tokens /4, width x2). The blocks stay one flat list in stage order, and `run_block(i)` includes
+    # the transition after the last block of a stage, so a loop over run_block is still the whole stack:
+    #     run_block(i, h, ctx) == stage_transition(i, run_block_in_stage(i, h, ctx), ctx)
+    # A method that acts on a block's output before the transition (DTL's add-backs) uses the two parts.
+    @property
+    def block_widths(self) -> tuple[int, ...]:
+        """Width of each block's input and (in-stage) output."""
+        return (self.hidden_size,) * self.num_layers
+
+    @property
+    def stage_starts(self) -> tuple[int, ...]:
+        """Index of the first block of each stage (the blocks of a stage share one width and token grid)."""
+        return (0,)
+
+    def stage_of(self, i: int) -> int:
+        """The stage of block i."""
+        return bisect.bisect_right(self.stage_starts, i) - 1
+
+    def stage_grid(self, stage: int, ctx: Context) -> tuple[int, int]:
+        """(rows, cols) of the patch grid the blocks of `stage` see (grid layouts)."""
+        return ctx["grid"]
+
+    def run_block_in_stage(self, i: int, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Block i without the stage transition that may follow it: B×T_s×d_s → B×T_s×d_s."""
+        return self.run_block(i, h, ctx)
+
+    def stage_transition(self, i: int, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """The frozen map from block i's output into the next stage; the identity unless block i ends one."""
+        return h
 
     # -- the protocol --------------------------------------------------------------------------
     def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Context]:

@@ -1,18 +1,21 @@
 """GPT-2 decoders (Radford et al., 2019): learned absolute positions, pre-LN blocks, a tied LM head.
 
 The projections are transformers' `Conv1D` (a linear layer storing its weight as in×out), and attention's
-q, k, v come from one fused `c_attn` (d → 3d). Config names differ from the others (n_embd, n_layer, n_head,
-n_inner, n_positions); `hidden_size`, `num_hidden_layers`, `num_attention_heads` are aliases of them.
+q, k, v come from one fused `c_attn` (d → 3d, rows [q | k | v]; LST prunes it part by part). Config names
+differ from the others (n_embd, n_layer, n_head, n_inner, n_positions); `hidden_size`, `num_hidden_layers`,
+`num_attention_heads` are aliases of them.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .base import Backbone, Context, residual_sublayer
+from .side_network import Fused, PruneGroup, SideNetworkHooks, nearest_width, norm_step
 
 
-class GPT2Backbone(Backbone):
+class GPT2Backbone(SideNetworkHooks, Backbone):
     family = "gpt2"
     input_keys = ("input_ids", "attention_mask")
     lora_targets = ("c_attn",)                       # fused q, k, v (peft wraps Conv1D with fan_in_fan_out)
@@ -23,9 +26,7 @@ class GPT2Backbone(Backbone):
     is_causal_lm = True
     dropout_field = "resid_pdrop"
     activation_field = "activation_function"
-    # No "side_network": LST's pruning plan slices nn.Linear rows (weight out×in, `out_features`); GPT-2's
-    # Conv1D stores in×out and fuses q, k, v into one 3d-row projection, which the pruner cannot split.
-    capabilities = frozenset({"decoder", "single_stack", "sublayers"})
+    capabilities = frozenset({"decoder", "single_stack", "sublayers", "side_network"})
 
     @property
     def transformer(self):
@@ -63,6 +64,43 @@ class GPT2Backbone(Backbone):
 
     def finish(self, h, ctx):
         return self.transformer.ln_f(h)
+
+    # -- side networks (LST, QST; see side_network.py) ---------------------------------------------------
+    # GPT2Attention derives its head width from n_embd / H, so a side width is a multiple of H; positions are
+    # learned and added at the embedding, so the side blocks need only the causal mask (as OPT's).
+    fused_side_attention = True
+    side_dropout_fields = ("resid_pdrop",)
+    side_attention_dropout_field = "attn_pdrop"
+
+    def side_widths(self, config, r, heads, exact):
+        """d' = H·round(d_kv/r), d_ff' = round(d_ff/r) (d_ff = n_inner, or 4d where it is None); exact: d/r,
+        ⌊d_ff/r⌋."""
+        H, inner = config.n_head, config.n_inner or 4 * config.n_embd
+        if exact:
+            return {"n_embd": config.n_embd // r, "n_inner": inner // r}
+        return {"n_embd": H * nearest_width(config.n_embd, r * H), "n_inner": nearest_width(inner, r)}
+
+    def side_norm(self, d_side, cfg):
+        return nn.LayerNorm(d_side, eps=cfg.layer_norm_epsilon)
+
+    @torch.no_grad()
+    def side_context(self, s, ctx, cfg, rotary=None, cache=None):
+        pos = ctx["position_ids"]
+        return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"],
+                                           past_key_values=cache, position_ids=pos),
+                "pos": pos, "cache": cache}
+
+    def run_side_block(self, block, s, sctx):
+        return block(s, sctx["cache"], sctx["mask"], position_ids=sctx["pos"])
+
+    @property
+    def pruning_embedding(self):
+        return self.transformer.wte.weight
+
+    def pruning_plan(self, block):
+        # c_attn's 3d' rows are [q | k | v]; c_fc and c_proj are Conv1D too (the pruner reads them in×out).
+        return [norm_step(block, "ln_1"), PruneGroup((Fused("attn.c_attn", (1, 1, 1)),), "attn.c_proj"),
+                norm_step(block, "ln_2"), PruneGroup(("mlp.c_fc",), "mlp.c_proj")]
 
     # -- sub-layers (MEFT): run_block(i, x, ctx) == ffn_sublayer(i, attention_sublayer(i, x, ctx), ctx) ------
     # Pre-LN: x + branch(LN(x)); the branch modules end in their own dropout (attn.resid_dropout,

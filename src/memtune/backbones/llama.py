@@ -1,11 +1,20 @@
-"""Llama-like decoders (Llama, SmolLM2, Mistral, Qwen2): causal self-attention with rotary positions."""
+"""Llama-like decoders (Llama, SmolLM2, Mistral, Qwen2, Qwen3): causal self-attention with rotary positions.
+
+Qwen3's block is Llama's plus an RMSNorm over each head's d_kv dims of q and of k (`self_attn.q_norm`,
+`k_norm`, one weight of d_kv shared by every head), applied before the rotation; its decoder layer takes
+Llama's call, so only the side widths (the norms are built at the side head width) and the pruning plan see it.
+Stacks with sliding-window layers (Qwen2/Qwen3 with `use_sliding_window`) are refused: the blocks here all
+get the one causal mask.
+"""
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from .base import Backbone, Context, residual_sublayer
-from .side_network import PruneGroup, SideNetworkHooks, nearest_width, norm_step
+from .base import Backbone, Context, UnsupportedModel, residual_sublayer
+from .side_network import PruneGroup, SideNetworkHooks, has_submodule, nearest_width, norm_step
 
 
 class LlamaLikeBackbone(SideNetworkHooks, Backbone):
@@ -17,6 +26,16 @@ class LlamaLikeBackbone(SideNetworkHooks, Backbone):
     adapter_sites = ("self_attn.o_proj", "mlp.down_proj")
     is_causal_lm = True
     capabilities = frozenset({"decoder", "single_stack", "sublayers", "side_network"})
+    # Whether the family's blocks take one mask per layer type (gemma.py); here every block gets the same one.
+    per_layer_type_masks: ClassVar[bool] = False
+
+    def __init__(self, model):
+        super().__init__(model)
+        sliding = "sliding_attention" in (getattr(model.config, "layer_types", None) or ())
+        if sliding and not self.per_layer_type_masks:
+            raise UnsupportedModel(f"{model.config.model_type} models with sliding-window layers "
+                                   "(use_sliding_window) are not supported; every block here attends causally "
+                                   "to the whole prefix")
 
     @property
     def decoder(self):
@@ -120,10 +139,13 @@ class LlamaLikeBackbone(SideNetworkHooks, Backbone):
         return self.decoder.embed_tokens.weight
 
     def pruning_plan(self, block):
+        # Qwen3's q_norm / k_norm (over each head's d_kv dims) keep the within-head dims J of q and k.
         a = block.self_attn
         heads = (a.config.num_attention_heads, a.config.num_key_value_heads, a.head_dim)
+        head_norms = tuple(f"self_attn.{n}" for n in ("q_norm", "k_norm") if has_submodule(a, n))
         return [norm_step(block, "input_layernorm"),
-                PruneGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", heads),
+                PruneGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", heads,
+                           head_norms),
                 norm_step(block, "post_attention_layernorm"),
                 PruneGroup(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")]
 
@@ -151,12 +173,19 @@ class LlamaLikeBackbone(SideNetworkHooks, Backbone):
     pooling = "the last real token: h[b, sum(attention_mask[b]) - 1] (B×d)"
 
     @classmethod
+    def size_fields(cls, model_type):
+        # Qwen3's head width is its own field (default 128), not d/H.
+        extra = ("head_dim",) if model_type == "qwen3" else ()
+        return super().size_fields(model_type) + extra
+
+    @classmethod
     def tiny_configs(cls):
-        from transformers import LlamaConfig
+        from transformers import LlamaConfig, Qwen3Config
 
         from ..tokenizer import VOCAB_SIZE
 
-        return {"tiny-llama": LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
-                                          eos_token_id=3, tie_word_embeddings=True)}
+        shape = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                     bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+        return {"tiny-llama": LlamaConfig(**shape),
+                "tiny-qwen3": Qwen3Config(**shape, head_dim=16)}

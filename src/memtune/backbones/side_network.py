@@ -13,7 +13,8 @@ every family fact they need:
     s = backbone.run_side_block(blocks[j], s, sctx)           # B×T×d' → B×T×d'
 
 LST's pruned-weight initialisation reads `pruning_embedding`, `final_norm` and `pruning_plan(block)`, a chain
-of `PruneVector` / `PruneGroup` steps per block (the selection itself is in methods/lst/prune.py).
+of `PruneVector` / `PruneGroup` steps per block (the selection itself is in methods/lst/prune.py); a fused
+projection (one weight for q, k, v or for gate, up) is declared as a `Fused` input of its group.
 A family that supports side networks mixes `SideNetworkHooks` into its backbone class, declares the
 capability "side_network" and implements the hooks that raise NotImplementedError here.
 """
@@ -62,12 +63,43 @@ class PruneVector:
 
 
 @dataclass(frozen=True)
+class Fused:
+    """One input projection whose output rows hold several logical projections, its "parts" (q | k | v,
+    gate | up), pruned part by part with the same kept rows.
+
+    `shares`: the parts' relative row counts, in storage order (q, k, v with grouped KV heads: (H, KV, KV));
+    `groups`: how often that pattern repeats along the rows (GPT-NeoX stores [head, (q, k, v), d_kv]:
+    groups = H). Shares and groups hold at any width, so the same description fits the side copy."""
+    path: str
+    shares: tuple[int, ...]
+    groups: int = 1
+
+    def part_rows(self, rows: int, device=None) -> list[torch.Tensor]:
+        """Each part's rows in a projection of `rows` output rows, in the part's own order (group-major:
+        for per-head groups, head h's rows of a part come before head h+1's)."""
+        unit, rest = divmod(rows, self.groups * sum(self.shares))
+        if rest:
+            raise ValueError(f"{self.path}: {rows} rows do not split into {self.groups} groups of shares {self.shares}")
+        group = torch.arange(self.groups, device=device)[:, None] * (rows // self.groups)    # groups×1
+        out, start = [], 0
+        for share in self.shares:
+            out.append((group + start * unit + torch.arange(share * unit, device=device)).flatten())
+            start += share
+        return out
+
+
+@dataclass(frozen=True)
 class PruneGroup:
     """Input projections sharing rows, and the output projection whose kept rows become the new P.
-    `heads` = (H, KV, d_kv) asks for the head-structured (grouped-KV) selection."""
-    inputs: tuple[str, ...]
+    An input is a module path or a `Fused` projection (each of its parts counts as one input; q, k, v in
+    that order where `heads` is given). `heads` = (H, KV, d_kv) asks for the head-structured (grouped-KV)
+    selection. Projections are nn.Linear (weight out×in) or transformers' Conv1D (weight in×out).
+    `head_norms`: norms over each head's d_kv dims (Qwen3 / Gemma 3 q_norm, k_norm), sliced by the within-head
+    dims J that the head-structured selection keeps."""
+    inputs: tuple[str | Fused, ...]
     output: str
     heads: tuple[int, int, int] | None = None
+    head_norms: tuple[str, ...] = ()
 
 
 def has_submodule(block: nn.Module, path: str) -> bool:

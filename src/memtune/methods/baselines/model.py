@@ -17,10 +17,11 @@ class BackboneFeatures(MemtuneModel):
 
 
 class FullModel(BackboneFeatures):
-    """Every parameter trains."""
+    """Every parameter trains, except an untied LM head under a classifier: nothing reads it there, so it would
+    only hold optimizer state (a tied head is the embedding, which trains under its own name)."""
 
     def is_trainable(self, name: str) -> bool:
-        return True
+        return not (self.objective == "classification" and name.startswith("backbone.model.lm_head."))
 
 
 class LinearProbeModel(BackboneFeatures):

@@ -17,13 +17,18 @@ class DTLConfig(TrunkCacheOptions, MethodConfig):
 
     rank         r of each read (A_i: r×D, B_i: D×r, B zero-initialised).
     read_blocks  L, the blocks whose INPUT is read. Default: every block up to the last add-back
-                 (all blocks with the default add_blocks; ViT-B: 0..11).
+                 (all blocks with the default add_blocks; ViT-B: 0..11). Backbones with stages (Swin): from
+                 the start of each stage that has add-backs to its last add-back (Swin-B: 4..23, as the
+                 reference), since the side state restarts at every stage.
     add_blocks   S, the blocks whose OUTPUT receives θ_β(h). Default: ⌊7N/12⌋−1 .. N−1 (ViT-B: 6..11, as the
-                 reference code; MiniLM, 6 blocks: 2..5). s₀ = min S: blocks 0..s₀ run without a graph.
+                 reference code; MiniLM, 6 blocks: 2..5; Swin-B, 24 blocks: 13..23, where the reference's
+                 scripts use 14..23: list those in add_blocks to match them). s₀ = min S: blocks 0..s₀ run without a
+                 graph.
     beta         Swish temperature β (θ_β(u) = u·σ(βu)); 100 in every reference script.
     fusion       None (DTL) or "dwconv" (DTL+): one depthwise conv over the injection, shared by every add-back.
                  ViT-like: Conv2d k×k over the patch grid (CLS passes through); BERT-like: Conv1d of width k
-                 over the token axis, padded positions zeroed (so it adds D·k parameters there, not D·k²).
+                 over the token axis, padded positions zeroed (so it adds D·k parameters there, not D·k²);
+                 Swin: one Conv2d per stage with add-backs, over that stage's grid (Σ C_stage·k²).
     kernel       k of the depthwise conv (3, 4 or 5 in the paper; even k pads the extra cell right/bottom).
     trunk_dropout  run the frozen trunk (embedding, blocks 0..s₀) in the module's train mode, i.e. with dropout
                  / DropPath as the reference code does. Default false: the trunk always runs in eval mode, which

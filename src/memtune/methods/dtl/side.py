@@ -54,7 +54,8 @@ class Injection(nn.Module):
 
     `layout` says how tokens are arranged for the DTL+ conv:
     - "grid" (ViT-like): the last rows·cols tokens are the patch grid (`ctx["grid"]`, set by the backbone's
-      `embed` for every input size); the tokens before them (CLS, registers) pass through unchanged.
+      `embed` for every input size, or the `grid` given: a hierarchical backbone's stage grid); the tokens
+      before them (CLS, registers) pass through unchanged, and with none (Swin) the whole map is convolved.
       Conv2d(D, D, k, groups=D, padding='same'); any grid shape, square or not, is supported.
     - "sequence" (BERT-like): the tokens are a 1-D sequence; Conv1d(D, D, k, groups=D, padding='same') over
       the token axis, every position included ([CLS] is just the first position: these models pool by mean).
@@ -76,12 +77,13 @@ class Injection(nn.Module):
             k = kernel - 1
             self.pad = (k // 2, k - k // 2)
 
-    def forward(self, h: torch.Tensor, ctx) -> torch.Tensor:   # h: B×T×D → B×T×D
+    def forward(self, h: torch.Tensor, ctx, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        # h: B×T×D → B×T×D; grid: (rows, cols) of the tokens' patch grid (default ctx["grid"])
         u = swish(h, self.beta)
         if self.conv is None:
             return u
         if self.layout == "grid":
-            rows, cols = ctx["grid"]
+            rows, cols = grid or ctx["grid"]
             b, t, d = u.shape
             prefix = t - rows * cols                                  # CLS (+ register tokens)
             if prefix < 0:

@@ -9,7 +9,9 @@ Side block i starts from backbone block i, structurally pruned in one shot:
    - `PruneGroup`: input projections (q, k, v; or wi; or gate, up) drop their input columns ∉ P and keep the
      SAME top rows, ranked by ‖I_1[j] ⊙ I_2[j] ⊙ …‖₁ over the kept columns; the output projection takes
      those rows as its columns and keeps its own top rows by ‖I_o[j]‖₁, which become the new P.
-     Biases follow their rows.
+     Biases follow their rows. A fused projection (`Fused`: q | k | v, gate | up, or GPT-NeoX's per-head
+     [head, (q, k, v), d_kv]) counts as one input per part; the side copy keeps the same layout, part p's
+     rows filled from the backbone part's kept rows.
 3. The final norm takes P; the backbone's `side_shared_tables` (T5's 32×H relative-position table) are
    copied unpruned from backbone block 0 into the first kept side block (H is kept).
 
@@ -31,9 +33,10 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ...backbones import UnsupportedModel
-from ...backbones.side_network import PruneGroup, PruneVector
+from ...backbones.side_network import Fused, PruneGroup, PruneVector
 
 Importance = Callable[[str, torch.Tensor], torch.Tensor]   # (backbone param name, param) → I, same shape
 
@@ -85,13 +88,45 @@ def head_rows(Iq, Ik, Iv, cols, heads: tuple[int, int, int], side_head_dim: int)
     return q_rows, kv_rows
 
 
+# -- projections: nn.Linear (weight out×in) or transformers' Conv1D (weight in×out) ----------------------------
+def transposed(m: nn.Module) -> bool:
+    """True for a projection storing its weight in×out (Conv1D: y = x·W + b)."""
+    return isinstance(m, Conv1D)
+
+
+def out_major(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor of projection m (its weight, or the weight's importance) as out×in."""
+    return t.t() if transposed(m) else t
+
+
+def out_size(m: nn.Module) -> int:
+    return out_major(m, m.weight).shape[0]
+
+
+def in_size(m: nn.Module) -> int:
+    return out_major(m, m.weight).shape[1]
+
+
+def input_parts(block: nn.Module, inputs) -> list[tuple[nn.Module, torch.Tensor | None]]:
+    """The logical input projections of a PruneGroup in `block`: (module, the part's rows in it; None: all)."""
+    parts = []
+    for entry in inputs:
+        if isinstance(entry, Fused):
+            m = block.get_submodule(entry.path)
+            parts += [(m, rows) for rows in entry.part_rows(out_size(m), m.weight.device)]
+        else:
+            parts.append((block.get_submodule(entry), None))
+    return parts
+
+
 # -- applying a plan ------------------------------------------------------------------------------------------
 class Pruner:
     """Copies `W[rows][:, cols]` from backbone blocks into side blocks and records every index set.
 
     `records[side_param_name] = (backbone_param_name, rows, cols)` with names relative to the wrapped
     model, so `model.get_parameter(side) == model.get_parameter(source)[rows][:, cols]` (cols None for
-    1-D parameters, both None for a full copy).
+    1-D parameters, both None for a full copy). Rows and cols index the stored tensor: for a Conv1D
+    weight (in×out) rows are input dims and cols output rows.
     """
 
     def __init__(self, model: nn.Module, importance: Importance):
@@ -101,6 +136,11 @@ class Pruner:
 
     def imp(self, p: torch.Tensor) -> torch.Tensor:
         return self.importance(self.names[id(p)], p)
+
+    def part_imp(self, m: nn.Module, rows: torch.Tensor | None) -> torch.Tensor:
+        """Importance of one logical projection (`input_parts`), out×in."""
+        I = out_major(m, self.imp(m.weight))
+        return I if rows is None else I[rows]
 
     @torch.no_grad()
     def copy(self, dst: torch.Tensor, src: torch.Tensor, rows=None, cols=None) -> None:
@@ -112,12 +152,40 @@ class Pruner:
         dst.copy_(w)
         self.records[self.names[id(dst)]] = (self.names[id(src)], rows, cols)
 
-    def linear(self, dst: nn.Linear | None, src: nn.Linear, rows, cols) -> None:
+    def linear(self, dst: nn.Module | None, src: nn.Module, rows, cols) -> None:
+        """dst ← src's output rows `rows` and input columns `cols` (bias: its rows)."""
         if dst is None:
             return
-        self.copy(dst.weight, src.weight, rows, cols)
+        if transposed(src):
+            self.copy(dst.weight, src.weight, cols, rows)
+        else:
+            self.copy(dst.weight, src.weight, rows, cols)
         if src.bias is not None and dst.bias is not None:
             self.copy(dst.bias, src.bias, rows)
+
+    def inputs(self, step: PruneGroup, bb: nn.Module, side: nn.Module | None, kept: list[torch.Tensor],
+               P: torch.Tensor) -> None:
+        """Copy every input projection of `step` into the side block; kept[p]: the rows kept of logical part p
+        (indices into that part). A fused projection's side copy has the backbone's layout at side width."""
+        p = 0
+        for entry in step.inputs:
+            path = entry.path if isinstance(entry, Fused) else entry
+            src = bb.get_submodule(path)
+            dst = side.get_submodule(path) if side is not None else None
+            if not isinstance(entry, Fused):
+                self.linear(dst, src, kept[p], P)
+                p += 1
+                continue
+            if dst is None:
+                p += len(entry.shares)
+                continue
+            src_parts = entry.part_rows(out_size(src), P.device)
+            dst_parts = entry.part_rows(out_size(dst), P.device)
+            rows = torch.empty(out_size(dst), dtype=torch.long, device=P.device)
+            for src_rows, dst_rows in zip(src_parts, dst_parts):
+                rows[dst_rows] = src_rows[kept[p]]
+                p += 1
+            self.linear(dst, src, rows, P)
 
     def stack(self, backbone, blocks, side_blocks: dict[int, nn.Module], P: torch.Tensor) -> torch.Tensor:
         """Run the chain through every block of a backbone stack; copy into the side blocks that exist.
@@ -131,22 +199,25 @@ class Pruner:
                         if side is not None:
                             self.copy(side.get_parameter(n), bb.get_parameter(n), P)
                     continue
-                ins = [bb.get_submodule(n) for n in step.inputs]
+                Is = [self.part_imp(m, rows) for m, rows in input_parts(bb, step.inputs)]
                 out = bb.get_submodule(step.output)
-                side_ins = [side.get_submodule(n) if side is not None else None for n in step.inputs]
+                side_out = template.get_submodule(step.output)
                 if step.heads is not None:
-                    side_hd = template.get_submodule(step.output).in_features // step.heads[0]
-                    q_rows, kv_rows = head_rows(*(self.imp(m.weight) for m in ins), P, step.heads, side_hd)
-                    rows_each = [q_rows, kv_rows, kv_rows]
+                    side_hd = in_size(side_out) // step.heads[0]
+                    q_rows, kv_rows = head_rows(*Is, P, step.heads, side_hd)
+                    kept = [q_rows, kv_rows, kv_rows]
                     mid = q_rows
+                    J = q_rows[:side_hd]                      # head 0's kept rows are J itself
+                    for n in step.head_norms:
+                        for pn, p in bb.get_submodule(n).named_parameters(recurse=False):
+                            if side is not None:
+                                self.copy(side.get_parameter(f"{n}.{pn}"), p, J)
                 else:
-                    k = template.get_submodule(step.inputs[0]).out_features
-                    mid = shared_rows([self.imp(m.weight) for m in ins], P, k)
-                    rows_each = [mid] * len(ins)
-                for dst, src, rows in zip(side_ins, ins, rows_each):
-                    self.linear(dst, src, rows, P)
-                k_out = template.get_submodule(step.output).out_features
-                P_new = top(self.imp(out.weight)[:, mid].double().sum(1), k_out)
+                    m, rows = input_parts(template, step.inputs)[0]
+                    mid = shared_rows(Is, P, out_size(m) if rows is None else rows.numel())
+                    kept = [mid] * len(Is)
+                self.inputs(step, bb, side, kept, P)
+                P_new = top(out_major(out, self.imp(out.weight))[:, mid].double().sum(1), out_size(side_out))
                 self.linear(side.get_submodule(step.output) if side is not None else None, out, P_new, mid)
                 P = P_new
         return P

@@ -52,6 +52,7 @@ class SHERLConfig(TrunkCacheOptions, MethodConfig):
     backbone with dropout. cache_*: the trunk cache of the early route (methods/common/trunk_cache.py;
     bert, vit, llama)."""
     name = "sherl"
+    requires = ("one_width",)          # the MTSA mixes every early output at one width D (not Swin)
     default_lr = 5e-4
     recipe: str = "auto"                # the released fork to follow (RECIPES)
     r: Optional[int] = None             # side width d = hidden_size // r (None: the recipe's)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .atomic import write_json, write_text
+from .metrics import NAMES
 from .plots import plot_memory_vs_accuracy, plot_memory_vs_time
 from .run_info import git_commit, machine, versions
 from .spec import parse_specs
@@ -141,22 +142,42 @@ def _fmt_ratio(x):
     return "" if x is None else f" ({x:.2f}×)"
 
 
-def _score(r: dict) -> str:
-    """accuracy (mean ± 95 % half-width over seeds where there are several), or perplexity."""
-    metric = "accuracy" if r.get("accuracy") is not None else "perplexity"
+def _metric_text(r: dict, metric: str) -> str | None:
+    """One metric of a record: the mean ± 95 % half-width over seeds where there are several, else the value."""
     if r.get(f"{metric}_ci95") is not None:
-        text = f"{r[f'{metric}_mean']:.3f} ± {r[f'{metric}_ci95']:.3f} ({len(r['seeds'])} seeds)"
-    elif r.get(metric) is not None:
-        text = f"{r[metric]:.3f}"
+        return f"{r[f'{metric}_mean']:.3f} ± {r[f'{metric}_ci95']:.3f} ({len(r['seeds'])} seeds)"
+    return None if r.get(metric) is None else f"{r[metric]:.3f}"
+
+
+def _score(r: dict) -> str:
+    """The task's metrics, main first (accuracy alone for tasks that declare nothing else), or perplexity."""
+    if r.get("accuracy") is None and r.get("perplexity") is not None:
+        text = _metric_text(r, "perplexity")
+        text = f"ppl {text}"
     else:
-        return "–"
-    text = text if metric == "accuracy" else f"ppl {text}"
+        metrics = r.get("task_metrics") or ["accuracy"]
+        parts = [(m, _metric_text(r, m)) for m in metrics]
+        parts = [(m, t) for m, t in parts if t is not None]
+        if not parts:
+            return "–"
+        text = "; ".join(t if metrics == ["accuracy"] else f"{NAMES.get(m, m)} {t}" for m, t in parts)
     return text + (f", lr {r['lr_selected']:g}" if r.get("lr_selected") is not None else "")
+
+
+def score_header(records: list[dict]) -> str:
+    """"accuracy" where every row reports accuracy alone (as before per-task metrics), else the main metric
+    of the task(s) first, then the others."""
+    declared = {tuple(r.get("task_metrics") or ["accuracy"]) for r in records if "error" not in r}
+    if declared <= {("accuracy",)}:
+        return "accuracy"
+    if len(declared) == 1:
+        return ", ".join(NAMES.get(m, m) for m in next(iter(declared)))
+    return "metrics (main first)"
 
 
 def markdown_table(records: list[dict]) -> str:
     rows = ["| method | trainable params | peak GiB (vs full) | activation peak GiB (vs full) | "
-            "s/step (vs full) | accuracy |", "|---|---|---|---|---|---|"]
+            f"s/step (vs full) | {score_header(records)} |", "|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
             rows.append(f"| {r['label']} | failed: {r['error'][:120]} | | | | |")

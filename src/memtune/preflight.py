@@ -81,7 +81,8 @@ def check_compare(specs: list[str], settings: dict, model: str, task: str) -> No
     args.validate()
     loaded = load_model(model)
     data = load_task(task, text_column=args.text_column, label_column=args.label_column, seed=args.seed,
-                     train_limit=args.train_limit, test_limit=args.test_limit)
+                     train_limit=args.train_limit, test_limit=args.test_limit, data_dir=args.data_dir,
+                     regression=args.objective == "regression")
     if data.kind != loaded.modality:
         raise ArgumentError(f"task {task!r} holds {data.kind} data but model {model!r} reads {loaded.modality}; "
                             f"pick a {data.kind} model")

@@ -5,7 +5,9 @@
 Protocol (one method spec at a time):
 1. With a learning-rate grid, every grid value trains with the first seed on the training data minus a
    validation carve-out (`--val-fraction`, default 0.1); the value with the best validation score wins
-   (ties: the smaller learning rate). The test split plays no part in the choice.
+   (ties: the smaller learning rate). The score is the task's main metric (`main_metric` in the record:
+   accuracy unless the task declares another, e.g. MCC for glue/cola, F1 for glue/mrpc, Pearson for
+   glue/stsb). The test split plays no part in the choice.
 2. Every seed then trains at the chosen value (the first seed's run is reused) and is scored on the test
    split; the record holds each seed's score, their mean and the half-width of a 95 % Student-t interval.
 """
@@ -15,8 +17,15 @@ import math
 import statistics
 from typing import Callable
 
-# Metrics where larger is better; the first one a record has decides selection and the summary.
+# Metrics where larger is better; a record's `main_metric` (default: accuracy) decides selection and the summary.
 SCORES = ("accuracy", "val_accuracy")
+# Summarised over seeds besides the task's own metrics.
+_SUMMARISED = ("accuracy", "val_accuracy", "perplexity")
+
+
+def main_metric(record: dict) -> str:
+    """The metric that selects and summarises: the task's main metric, accuracy where none is recorded."""
+    return record.get("main_metric") or "accuracy"
 
 
 def ci95_half_width(values: list[float]) -> float | None:
@@ -71,8 +80,8 @@ def parse_seeds(text: str | None, base_seed: int = 0) -> list[int]:
 
 
 def select_lr(trials: dict[float, dict]) -> float:
-    """The grid value whose validation score is highest (ties: the smaller learning rate)."""
-    scored = {lr: r.get("val_accuracy") for lr, r in trials.items() if "error" not in r}
+    """The grid value whose validation score (of the main metric) is highest (ties: the smaller learning rate)."""
+    scored = {lr: r.get(f"val_{main_metric(r)}") for lr, r in trials.items() if "error" not in r}
     scored = {lr: s for lr, s in scored.items() if s is not None}
     if not scored:
         raise RuntimeError("no learning rate of the grid finished with a validation score")
@@ -82,13 +91,15 @@ def select_lr(trials: dict[float, dict]) -> float:
 def aggregate(records: list[dict], seeds: list[int]) -> dict:
     """One record for a spec from its per-seed records: the first seed's record (memory, settings), plus
     `seeds`, `accuracy_per_seed`, `accuracy_mean` (also in `accuracy`), `accuracy_ci95` and the median step
-    time over seeds (likewise for val_accuracy and perplexity where the records have them)."""
+    time over seeds (likewise for val_accuracy, perplexity and the task's metrics with their val_ forms where the
+    records have them)."""
     ok = [r for r in records if "error" not in r]
     if not ok:
         return records[0]
     out = dict(ok[0])
     out["seeds"] = [s for s, r in zip(seeds, records) if "error" not in r]
-    for metric in ("accuracy", "val_accuracy", "perplexity"):
+    task_metrics = ok[0].get("task_metrics") or []
+    for metric in dict.fromkeys([*_SUMMARISED, *task_metrics, *(f"val_{m}" for m in task_metrics)]):
         values = [r[metric] for r in ok if r.get(metric) is not None]
         if len(values) == len(ok):
             out[f"{metric}_per_seed"] = values
@@ -119,6 +130,6 @@ def run_spec(run_one: Callable[[int, float | None, bool], dict], seeds: list[int
                for s in seeds]
     out = aggregate(records, seeds)
     if lr_grid:
-        out["lr_grid"] = {f"{lr:g}": trials[lr].get("val_accuracy") for lr in lr_grid}
+        out["lr_grid"] = {f"{lr:g}": trials[lr].get(f"val_{main_metric(trials[lr])}") for lr in lr_grid}
         out["lr_selected"] = chosen
     return out

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import string
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CHARS = string.ascii_lowercase + string.digits + string.punctuation
@@ -19,9 +17,8 @@ def char_tokenizer():
     from transformers import BertTokenizerFast
 
     vocab = SPECIALS + list(CHARS) + ["##" + c for c in CHARS]
-    folder = Path(tempfile.mkdtemp(prefix="memtune-chartok-"))
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # The vocabulary as a dict: transformers 5 ignores `vocab_file` here and would keep only the specials.
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
 
 
 VOCAB_SIZE = len(SPECIALS) + 2 * len(CHARS)

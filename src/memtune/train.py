@@ -34,7 +34,7 @@ from .run_info import git_commit, machine, versions
 from .techniques.quantize import QUANTIZE_KINDS
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-OBJECTIVES = ("classification", "causal-lm")                   # causal-lm: decoders
+OBJECTIVES = ("classification", "causal-lm", "regression")     # causal-lm: decoders; regression: one output, MSE
 
 
 class TrainingError(RuntimeError):
@@ -50,7 +50,8 @@ class TrainArgs:
     # Each field's metadata (help, choices) is its command-line flag (`memtune.cli.fields`).
     model: str = field(metadata={"help": "bundled alias (minilm, dinov2-s, tiny-bert, ...), folder or hub id"})
     task: str = field(metadata={"help": "rotten-tomatoes, fashion-mnist, digits, mnist-5k, drug-reviews, csv:PATH, "
-                                        "jsonl:PATH or an image folder"})
+                                        "jsonl:PATH, an image folder, or glue/<name>, super_glue/<name>, "
+                                        "vtab/<name> from --data-dir (docs/data.md)"})
     method: str = "lora"
     options: dict = field(default_factory=dict)       # method options, e.g. {"r": "16"}
     out: str = "runs/memtune"
@@ -66,11 +67,16 @@ class TrainArgs:
     image_size: int | None = None
     seed: int = 0
     precision: str = field(default="fp32", metadata={"choices": tuple(PRECISIONS)})
-    objective: str = field(default="classification", metadata={"choices": OBJECTIVES})
+    objective: str = field(default="classification", metadata={
+        "choices": OBJECTIVES, "help": "regression: numeric labels of a csv/jsonl task (glue/stsb is regression "
+                                       "by itself)"})
     train_limit: int | None = None
     test_limit: int | None = None
-    text_column: str = "text"
+    text_column: str = field(default="text", metadata={
+        "help": "csv/jsonl text column, or two comma-separated (sentence1,sentence2) for sentence pairs"})
     label_column: str = "label"
+    data_dir: str | None = field(default=None, metadata={
+        "help": "folder with your GLUE / SuperGLUE / VTAB-1k copy (default: $MEMTUNE_DATA_DIR); never downloads"})
     checkpoint_every: int | None = field(default=None, metadata={"help": "write an atomic checkpoint every N steps"})
     resume: str | None = field(default=None, metadata={"help": "continue from a run folder or checkpoint"})
     measure_memory: bool = field(default=False, metadata={"help": "measure one step's peak memory first"})
@@ -112,7 +118,7 @@ class TrainArgs:
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.objective in OBJECTIVES,
-             f"--objective must be classification or causal-lm, got {self.objective!r}")
+             f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1,
              f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -165,21 +171,44 @@ class _WithIds:
 def build(args: TrainArgs, loaded=None, task=None):
     """Load model and task and wrap the model: returns (model, task, loaded, collate)."""
     loaded = loaded or load_model(args.model)
-    task = task or load_task(args.task, text_column=args.text_column, label_column=args.label_column,
-                             seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
-                             val_fraction=args.val_fraction)
+    task = task or load_args_task(args)
     if task.kind != loaded.modality:
         raise ArgumentError(f"task {args.task!r} holds {task.kind} data but model {args.model!r} reads "
                             f"{loaded.modality}; pick a {task.kind} model")
     check_length(loaded, args.max_length)
     causal = args.objective == "causal-lm"
+    if causal and task.regression:
+        raise ArgumentError(f"task {args.task!r} has numeric (regression) labels; train it without "
+                            "--objective causal-lm")
     options = dict(args.options)
     config = config_for(args.method, options)
+    # A regression task has a one-output head (num_labels 1: the model's objective is then "regression").
     model = wrap(loaded, config, num_labels=None if causal else task.num_labels, name=args.model,
-                 label_names=None if causal else task.label_names, techniques=args.techniques())
+                 label_names=None if causal or task.regression else task.label_names, techniques=args.techniques())
     model.preprocessing = {"max_length": args.max_length, "image_size": args.image_size}  # saved for predict
-    kw = dict(max_length=args.max_length, image_size=args.image_size, causal_lm=causal)
-    return model, task, loaded, make_collate(task.kind, loaded.preprocessor, **kw)
+    return model, task, loaded, make_collate(task.kind, loaded.preprocessor, **collate_options(args, task))
+
+
+def load_args_task(args: TrainArgs):
+    """The task of a run's settings (data folder, sentence-pair columns, regression included)."""
+    return load_task(args.task, text_column=args.text_column, label_column=args.label_column, seed=args.seed,
+                     train_limit=args.train_limit, test_limit=args.test_limit, val_fraction=args.val_fraction,
+                     data_dir=args.data_dir, regression=args.objective == "regression")
+
+
+def collate_options(args: TrainArgs, task, **overrides) -> dict:
+    """make_collate's keywords for a run: lengths, and causal-LM or regression labels."""
+    causal = args.objective == "causal-lm"
+    return {"max_length": args.max_length, "image_size": args.image_size, "causal_lm": causal,
+            "regression": task.regression and not causal, **overrides}
+
+
+def task_metric_fields(task, model) -> dict:
+    """metrics.json's `main_metric` (what selection and the compare table use) and `task_metrics` (the task's
+    metrics, main first); none for a causal LM."""
+    if model.objective == "causal-lm":
+        return {}
+    return {"main_metric": task.main_metric, "task_metrics": list(task.metrics)}
 
 
 def check_length(loaded, max_length: int) -> None:
@@ -209,8 +238,8 @@ def measure_memory(args: TrainArgs) -> dict:
     length = args.memory_max_length or args.max_length
     model, task, loaded, _ = build(args)
     check_length(loaded, length)
-    collate = make_collate(task.kind, loaded.preprocessor, max_length=length, image_size=args.image_size,
-                           pad_to_max_length=True, causal_lm=args.objective == "causal-lm")
+    collate = make_collate(task.kind, loaded.preprocessor,
+                           **collate_options(args, task, max_length=length, pad_to_max_length=True))
     examples = list(itertools.islice(itertools.cycle(task.train), args.memory_batch_size or args.batch_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
@@ -372,6 +401,7 @@ def _train(args: TrainArgs, folder: RunFolder) -> dict:
         "step_time_s": statistics.median(timed) if timed else None,
         "samples_per_s": (args.batch_size * accelerator.num_processes / statistics.median(timed)) if timed else None,
         **results,
+        **task_metric_fields(task, unwrapped),
         **({"before": before} if before else {}),
         "train_examples": len(task.train), "test_examples": len(task.test),
         "settings": {k: v for k, v in asdict(args).items() if k not in ("progress", "overwrite")},

@@ -11,6 +11,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--task", default=None, help="default: the task the adapter was trained on")
     p.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--data-dir", default=None, help="folder with your GLUE / SuperGLUE / VTAB-1k copy (default: the "
+                   "training run's, else $MEMTUNE_DATA_DIR)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
@@ -48,14 +50,21 @@ def run(ns) -> int:
     loaded = load_model(ns.model)
     model = load(loaded, ns.adapter)
     task = load_task(task_name, seed=settings.get("seed", 0), test_limit=settings.get("test_limit"),
-                     text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"))
+                     text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
+                     data_dir=ns.data_dir or settings.get("data_dir"), regression=model.objective == "regression")
+    if task.regression != (model.objective == "regression"):
+        raise TaskError(f"task {task_name!r} is {'a regression' if task.regression else 'a classification'} task, "
+                        f"the adapter's head is for {model.objective}")
     check_task_fits_model(task, task_name, loaded, model)
     note = align_task_labels(task, task_name, model)
     if note:
         print(f"memtune: {note}", file=sys.stderr)
+    causal = saved.get("objective") == "causal-lm"
     collate = make_collate(task.kind, loaded.preprocessor, max_length=settings.get("max_length", 128),
-                           image_size=settings.get("image_size"), causal_lm=saved.get("objective") == "causal-lm")
+                           image_size=settings.get("image_size"), causal_lm=causal,
+                           regression=task.regression and not causal)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate(model.to(device), task.test, collate, ns.batch_size, device, progress=not ns.no_progress)
-    print(json.dumps({"method": saved["method"], "task": task_name, **result}))
+    main = {} if causal else {"main_metric": task.main_metric}
+    print(json.dumps({"method": saved["method"], "task": task_name, **result, **main}))
     return 0

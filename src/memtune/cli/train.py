@@ -42,8 +42,12 @@ def run(ns) -> int:
     return 0
 
 
-def _score(m: dict) -> str:
-    return f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else f"perplexity {m['perplexity']:.2f}"
+def _score(m: dict, metrics=None) -> str:
+    """The task's metrics, main first ("accuracy 0.8125", "f1 0.8000, accuracy 0.7500"), or the perplexity."""
+    metrics = metrics or m.get("task_metrics") or ["accuracy"]
+    if "perplexity" in m:
+        return f"perplexity {m['perplexity']:.2f}"
+    return ", ".join(f"{name} {m[name]:.4f}" for name in metrics if m.get(name) is not None)
 
 
 def train_report(m: dict, folder) -> list[str]:
@@ -59,7 +63,7 @@ def train_report(m: dict, folder) -> list[str]:
         lines.append(f"memory: peak {m['peak_bytes'] / 2**30:.3g} GiB, activations "
                      f"{m['activation_peak_bytes'] / 2**30:.3g} GiB (one training step, {shape})")
     if "before" in m:
-        lines.append(f"before training: {_score(m['before'])}")
+        lines.append(f"before training: {_score(m['before'], m.get('task_metrics'))}")
     step = f"{m['step_time_s']:.3f} s/step" if m.get("step_time_s") is not None else "no step timed in this run"
     lines.append(f"{m['method']}: {_score(m)}; trainable {m['trainable_params']:,} ({m['trainable_pct']:.2f} %); "
                  f"{step}; {m['wall_time_s']:.0f} s in all; saved to {folder}")

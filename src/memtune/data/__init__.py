@@ -1,4 +1,5 @@
-"""Datasets for memtune: bundled real tasks, user csv/jsonl/image folders, and batch collation.
+"""Datasets for memtune: bundled real tasks, user csv/jsonl/image folders (sentence pairs, regression), the
+GLUE / SuperGLUE / VTAB-1k suites from a local copy (docs/data.md), and batch collation.
 
 >>> task = load_task("rotten-tomatoes", train_limit=2000, test_limit=1000, seed=0)
 >>> collate = make_collate(task.kind, tokenizer, max_length=64)

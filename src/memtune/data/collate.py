@@ -30,15 +30,20 @@ def make_collate(
     pad_to_max_length: bool = False,
     image_size: int | None = None,
     causal_lm: bool = False,
+    regression: bool = False,
 ):
     """Build the collate function for ``task_kind`` ("text" or "image").
 
     text:  ``preprocessor`` is a tokenizer. Returns input_ids and attention_mask
            (B, L) (plus token_type_ids when the tokenizer makes them) and labels:
-           the class ids (B,), or with ``causal_lm`` the input_ids with padding set
-           to -100 (B, L). L is ``max_length`` when ``pad_to_max_length`` (fixed
-           shapes for memory measurements), else the longest sequence in the batch,
-           never more than ``max_length``.
+           the class ids (B,), with ``regression`` the float32 targets (B,), or with
+           ``causal_lm`` the input_ids with padding set to -100 (B, L). L is
+           ``max_length`` when ``pad_to_max_length`` (fixed shapes for memory
+           measurements), else the longest sequence in the batch, never more than
+           ``max_length``. Examples with a ``text_pair`` are encoded as the
+           tokenizer encodes pairs: for BERT-style tokenizers (the bundled one)
+           ``[CLS] a [SEP] b [SEP]`` with token_type_ids 0 for a and 1 for b;
+           truncation shortens the longer text first.
     image: ``preprocessor`` is an image processor or None. Returns pixel_values
            (B, 3, S, S) float32 and labels (B,).
     """
@@ -47,10 +52,12 @@ def make_collate(
             raise TaskError("text collation needs a tokenizer as preprocessor, got None")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise TaskError(f"max_length must be a positive integer, got {max_length!r}")
-        return TextCollator(preprocessor, max_length, bool(pad_to_max_length), bool(causal_lm))
+        if causal_lm and regression:
+            raise TaskError("causal_lm=True and regression=True exclude each other")
+        return TextCollator(preprocessor, max_length, bool(pad_to_max_length), bool(causal_lm), bool(regression))
     if task_kind == "image":
-        if causal_lm:
-            raise TaskError("causal_lm=True applies to text tasks only, not image tasks")
+        if causal_lm or regression:
+            raise TaskError("causal_lm=True / regression=True apply to text tasks only, not image tasks")
         size = image_size if image_size is not None else processor_image_size(preprocessor)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise TaskError(f"image_size must be a positive integer, got {size!r}")
@@ -63,7 +70,8 @@ def make_collate(
 
 
 class TextCollator:
-    def __init__(self, tokenizer, max_length: int, pad_to_max_length: bool, causal_lm: bool):
+    def __init__(self, tokenizer, max_length: int, pad_to_max_length: bool, causal_lm: bool,
+                 regression: bool = False):
         if getattr(tokenizer, "pad_token", None) is None:
             eos = getattr(tokenizer, "eos_token", None)
             if eos is None:
@@ -78,12 +86,22 @@ class TextCollator:
         self.max_length = max_length
         self.padding = "max_length" if pad_to_max_length else "longest"
         self.causal_lm = causal_lm
+        self.regression = regression
+
+    def _pairs(self, examples: Sequence[dict]) -> list[str] | None:
+        """The second texts of a batch of pairs, None for single texts; a mixed batch is an error."""
+        paired = sum("text_pair" in ex for ex in examples)
+        if paired and paired != len(examples):
+            raise TaskError(f"a batch mixes sentence pairs and single texts ({paired} of {len(examples)} "
+                            "examples have a text_pair)")
+        return [ex["text_pair"] for ex in examples] if paired else None
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise TaskError("cannot collate an empty batch")
         enc = self.tokenizer(
             [ex["text"] for ex in examples],
+            self._pairs(examples),
             padding=self.padding,
             truncation=True,
             max_length=self.max_length,
@@ -96,6 +114,8 @@ class TextCollator:
             labels = batch["input_ids"].clone()
             labels[batch["attention_mask"] == 0] = IGNORE_INDEX
             batch["labels"] = labels
+        elif self.regression:
+            batch["labels"] = torch.tensor([float(ex["label"]) for ex in examples], dtype=torch.float32)
         else:
             batch["labels"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
         return batch

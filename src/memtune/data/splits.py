@@ -125,12 +125,20 @@ def stratified_subset(
     return sorted(chosen)
 
 
-def carve_validation(examples: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def random_subset(n: int, limit: int, seed: int, stream: int = 0) -> list[int]:
+    """Sorted positions of a seeded random subset of ``limit`` of ``n`` items (no classes to keep)."""
+    rng = np.random.default_rng([stream, seed])
+    return sorted(int(i) for i in rng.choice(n, size=min(limit, n), replace=False))
+
+
+def carve_validation(examples: Sequence[dict], fraction: float, seed: int,
+                     stratify: bool = True) -> tuple[list[dict], list[dict]]:
     """Split training examples into (train, validation) for model and learning-rate selection.
 
     The validation part is carved from the training split only, so the test split is never looked at.
     Examples with a ``movie`` key (Rotten Tomatoes) are split by movie, like the train/test split, so that
-    a movie never sits on both sides; others are split per class (stratified). The choice depends on
+    a movie never sits on both sides; others are split per class (stratified; ``stratify=False``, for
+    regression targets, splits them as one group). The choice depends on
     ``seed``: each seed of a multi-seed run validates on its own carve-out, and the test set is shared.
     """
     if not 0 < fraction < 1:
@@ -141,7 +149,8 @@ def carve_validation(examples: Sequence[dict], fraction: float, seed: int) -> tu
     if all("movie" in ex for ex in examples):
         train_idx, val_idx = group_split([str(ex["movie"]) for ex in examples], salt, fraction)
     else:
-        train_idx, val_idx = stratified_split([ex["label"] for ex in examples], salt, fraction)
+        labels = [ex["label"] for ex in examples] if stratify else [0] * len(examples)
+        train_idx, val_idx = stratified_split(labels, salt, fraction)
     if not train_idx or not val_idx:
         raise TaskError(f"a validation fraction of {fraction} leaves an empty side of {len(examples)} examples")
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx]

@@ -3,7 +3,9 @@
 Names:
   * a bundled name from ``TASKS`` (fixed train/test splits);
   * ``csv:PATH`` / ``jsonl:PATH`` for user text data;
-  * a path to a directory of class sub-folders for user images.
+  * a path to a directory of class sub-folders for user images;
+  * ``glue/<name>``, ``super_glue/<name>``, ``vtab/<name>`` from the user's local copy (``data_dir=`` or
+    ``MEMTUNE_DATA_DIR``; see ``suites`` and docs/data.md).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 from . import bundled
 from .base import Task, TaskError
 from .image_folder import IMAGE_SUFFIXES, load_image_folder
-from .splits import carve_validation, check_limit, stratified_subset
+from .splits import carve_validation, check_limit, random_subset, stratified_subset
+from .suites import is_suite_name, load_suite, suite_names
 from .user_files import build_text_task, read_csv, read_jsonl
 
 # name -> (kind, reader, one-line description)
@@ -46,6 +49,8 @@ _BUNDLED = {
 }
 
 TASKS: dict[str, str] = {name: desc for name, (_, _, desc) in _BUNDLED.items()}
+# Suite tasks read from the user's local copy (not listed in TASKS: they need --data-dir).
+SUITE_TASKS: tuple[str, ...] = tuple(suite_names())
 
 
 def _unknown(name) -> TaskError:
@@ -53,7 +58,8 @@ def _unknown(name) -> TaskError:
     return TaskError(
         f"unknown task {name!r}; use one of: {known}; or 'csv:PATH' / 'jsonl:PATH' for a text "
         f"file with text and label columns; or the path of an image folder with one sub-folder "
-        f"per class ({'/'.join(IMAGE_SUFFIXES)} files)"
+        f"per class ({'/'.join(IMAGE_SUFFIXES)} files); or glue/<name>, super_glue/<name>, vtab/<name> from a "
+        f"local copy given by --data-dir"
     )
 
 
@@ -66,10 +72,15 @@ def load_task(
     train_limit: int | None = None,
     test_limit: int | None = None,
     val_fraction: float = 0.0,
+    data_dir: str | os.PathLike | None = None,
+    regression: bool = False,
 ) -> Task:
     """Load a task by name; see the module docstring for the accepted names.
 
-    ``text_column`` / ``label_column`` rename the columns of csv/jsonl files.
+    ``text_column`` / ``label_column`` rename the columns of csv/jsonl files; ``text_column="a,b"`` reads
+    sentence pairs (examples get ``text`` and ``text_pair``). ``regression=True`` reads a csv/jsonl file's
+    labels as numbers (one-output head, MSE loss; glue/stsb is regression by itself). ``data_dir`` is the
+    folder holding the suites' data (default: the ``MEMTUNE_DATA_DIR`` environment variable).
     ``train_limit`` / ``test_limit`` keep a class-stratified random subset whose
     choice depends only on ``seed``; the underlying split never depends on it.
     ``val_fraction`` > 0 carves a validation split (``task.validation``) out of the (limited) training
@@ -97,7 +108,14 @@ def load_task(
             raise TaskError(f"{raw!r}: give a file path after '{prefix}:', e.g. '{prefix}:data.{prefix.lower()}'")
         path = Path(path_text).expanduser()
         read = read_csv if prefix.lower() == "csv" else read_jsonl
-        task = build_text_task(raw.strip(), path, read(path, text_column, label_column))
+        task = build_text_task(raw.strip(), path, read(path, text_column, label_column), regression=regression)
+    elif is_suite_name(key):
+        # VTAB's own 800/200 split is the validation split; limits pick images before decoding.
+        vtab = key.startswith("vtab/")
+        task = load_suite(key, data_dir, validation=vtab and bool(val_fraction), train_limit=train_limit,
+                          test_limit=test_limit, seed=seed)
+        if vtab:
+            train_limit = test_limit = val_fraction = None
     elif raw.strip() and Path(raw).expanduser().is_dir():
         # Limits pick files before decoding, so a large folder stays cheap.
         task = load_image_folder(Path(raw).expanduser(), raw, train_limit=train_limit,
@@ -105,16 +123,22 @@ def load_task(
         train_limit = test_limit = None
     else:
         raise _unknown(raw)
+    if regression and not task.regression:
+        raise TaskError(f"task {raw!r} has class labels; regression applies to csv:/jsonl: files with numeric "
+                        "labels (and glue/stsb)")
 
-    task.train = _subset(task.train, train_limit, seed, stream=0)
-    task.test = _subset(task.test, test_limit, seed, stream=1)
+    task.train = _subset(task.train, train_limit, seed, 0, task.regression)
+    task.test = _subset(task.test, test_limit, seed, 1, task.regression)
     if val_fraction:
-        task.train, task.validation = carve_validation(task.train, val_fraction, seed)
+        task.train, task.validation = carve_validation(task.train, val_fraction, seed, stratify=not task.regression)
     return task
 
 
-def _subset(examples: list[dict], limit: int | None, seed: int, stream: int) -> list[dict]:
+def _subset(examples: list[dict], limit: int | None, seed: int, stream: int, regression: bool) -> list[dict]:
     if limit is None or limit >= len(examples):
         return examples
-    keep = stratified_subset([ex["label"] for ex in examples], limit, seed, stream)
+    # Regression targets are not classes: a plain seeded random subset.
+    labels = [ex["label"] for ex in examples]
+    keep = random_subset(len(examples), limit, seed, stream) if regression else \
+        stratified_subset(labels, limit, seed, stream)
     return [examples[i] for i in keep]

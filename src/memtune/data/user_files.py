@@ -1,8 +1,8 @@
 """Readers for user text data: ``csv:PATH`` and ``jsonl:PATH``.
 
-Both produce rows of (text, raw label, split or None, line number); ``build_text_task``
-turns them into a Task. Every problem becomes a TaskError that names the file, the
-line and what was expected.
+Both produce rows of (texts, raw label, split or None, line number), where texts holds one string, or two
+for sentence pairs (``text_column="sentence1,sentence2"``); ``build_text_task`` turns them into a Task.
+Every problem becomes a TaskError that names the file, the line and what was expected.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -42,20 +43,30 @@ def read_utf8(path: Path, kind: str) -> str:
     return text
 
 
+def text_columns(text_column: str) -> tuple[str, ...]:
+    """``"text"`` -> ("text",); ``"a,b"`` -> ("a", "b"): the column of single texts or the two of a pair."""
+    names = tuple(c.strip() for c in str(text_column).split(","))
+    if not 1 <= len(names) <= 2 or not all(names):
+        raise TaskError(f"text column {text_column!r}: give one column name, or two separated by a comma "
+                        "for sentence pairs (e.g. sentence1,sentence2)")
+    return names
+
+
 def read_csv(path: Path, text_column: str, label_column: str):
     """Rows of a comma-separated file with a header line."""
     raw = read_utf8(path, "CSV")
+    texts = text_columns(text_column)
     reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
     try:
         header = next(reader)
         columns = [c.strip() for c in header]
-        missing = [c for c in (text_column, label_column) if c not in columns]
+        missing = [c for c in (*texts, label_column) if c not in columns]
         if missing:
             raise TaskError(
                 f"{path}: column(s) {missing} not found; columns found: {columns} "
                 "(choose others with text_column= / label_column=)"
             )
-        ti, li = columns.index(text_column), columns.index(label_column)
+        tis, li = [columns.index(c) for c in texts], columns.index(label_column)
         si = columns.index(SPLIT_COLUMN) if SPLIT_COLUMN in columns else None
         rows = []
         start = reader.line_num + 1  # first physical line of the next record
@@ -70,7 +81,7 @@ def read_csv(path: Path, text_column: str, label_column: str):
                     f"header has {len(columns)}"
                 )
             split = record[si] if si is not None else None
-            rows.append((record[ti], record[li], split, line))
+            rows.append((tuple(record[i] for i in tis), record[li], split, line))
     except csv.Error as err:
         raise TaskError(f"{path}: malformed CSV at line {reader.line_num}: {err}") from None
     if not rows:
@@ -81,15 +92,17 @@ def read_csv(path: Path, text_column: str, label_column: str):
 def read_jsonl(path: Path, text_column: str, label_column: str):
     """Rows of a JSON-lines file: one JSON object per non-blank line."""
     raw = read_utf8(path, "JSONL")
+    texts = text_columns(text_column)
     rows = []
-    for line_no, obj in json_objects(raw, path, f'{{"{text_column}": "...", "{label_column}": ...}}'):
-        missing = [c for c in (text_column, label_column) if c not in obj]
+    example = "{" + ", ".join(f'"{c}": "..."' for c in texts) + f', "{label_column}": ...}}'
+    for line_no, obj in json_objects(raw, path, example):
+        missing = [c for c in (*texts, label_column) if c not in obj]
         if missing:
             raise TaskError(
                 f"{path}: line {line_no} has no field(s) {missing}; fields found: "
                 f"{sorted(obj)} (choose others with text_column= / label_column=)"
             )
-        rows.append((obj[text_column], obj[label_column], obj.get(SPLIT_COLUMN), line_no))
+        rows.append((tuple(obj[c] for c in texts), obj[label_column], obj.get(SPLIT_COLUMN), line_no))
     if not rows:
         raise TaskError(f"JSONL file is empty: {path}")
     return rows
@@ -150,14 +163,41 @@ def _labels(rows, path: Path):
     return ids, names
 
 
-def build_text_task(name: str, path: Path, rows) -> Task:
-    ids, label_names = _labels(rows, path)
-    examples = []
-    for (text, _, _, line), y in zip(rows, ids):
-        if not isinstance(text, str):
-            raise TaskError(f"{path}: line {line}: text must be a string, got {text!r}")
-        examples.append({"text": text, "label": y})
+def _float_labels(rows, path: Path) -> list[float]:
+    """Regression targets: numbers (JSON numbers or numeric strings in CSV), finite."""
+    values = []
+    for _, label, _, line in rows:
+        try:
+            if isinstance(label, bool) or label is None or isinstance(label, (list, dict)):
+                raise ValueError
+            value = float(label.strip() if isinstance(label, str) else label)
+        except ValueError:
+            raise TaskError(f"{path}: line {line}: label {label!r} is not a number (a regression task needs "
+                            "numeric targets)") from None
+        if not math.isfinite(value):
+            raise TaskError(f"{path}: line {line}: label {label!r} is not a finite number")
+        values.append(value)
+    return values
 
+
+def make_example(texts, label, where: str) -> dict:
+    """{"text": a, "label": y} or, for a pair, {"text": a, "text_pair": b, "label": y}; `where` names the
+    file and line for the error when a text is not a string."""
+    for t in texts:
+        if not isinstance(t, str):
+            raise TaskError(f"{where}: text must be a string, got {t!r}")
+    ex = {"text": texts[0], "label": label}
+    if len(texts) == 2:
+        ex["text_pair"] = texts[1]
+    return ex
+
+
+def build_text_task(name: str, path: Path, rows, regression: bool = False) -> Task:
+    if regression:
+        ids, label_names = _float_labels(rows, path), []
+    else:
+        ids, label_names = _labels(rows, path)
+    examples = [make_example(texts, y, f"{path}: line {line}") for (texts, _, _, line), y in zip(rows, ids)]
     splits = [split for _, _, split, _ in rows]
     if any(s is not None for s in splits):
         train, test = [], []
@@ -172,7 +212,8 @@ def build_text_task(name: str, path: Path, rows) -> Task:
             if not rows_part:
                 raise TaskError(f"{path}: the '{SPLIT_COLUMN}' column has no {part!r} rows")
     else:
-        train_idx, test_idx = stratified_split(ids, salt=USER_SPLIT_SALT)
+        # Regression: one stratum, so the split is a fixed hashed 80/20 of the rows.
+        train_idx, test_idx = stratified_split([0] * len(ids) if regression else ids, salt=USER_SPLIT_SALT)
         train = [examples[i] for i in train_idx]
         test = [examples[i] for i in test_idx]
-    return Task(name=name, kind="text", train=train, test=test, label_names=label_names)
+    return Task(name=name, kind="text", train=train, test=test, label_names=label_names, regression=regression)

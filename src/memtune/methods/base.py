@@ -129,7 +129,8 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
         self.backbone = backbone
         self.method_config = config
         self.base_name: str = ""
-        self.objective = "causal-lm" if num_labels is None else "classification"
+        # One output is a regression head (transformers' convention for num_labels=1): MSE loss, float labels.
+        self.objective = "causal-lm" if num_labels is None else "regression" if num_labels == 1 else "classification"
         if self.objective == "causal-lm" and not backbone.is_causal_lm:
             raise ConfigError(f"the {backbone.family} family needs num_labels (classification); "
                               "only decoder models have a causal-LM objective")
@@ -199,9 +200,16 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=-100)
             return CausalLMOutput(loss=loss, logits=logits)
-        logits = self.head(feats)                                          # B×C
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        logits = self.head(feats)                                          # B×C (regression: B×1)
+        return SequenceClassifierOutput(loss=self.head_loss(logits, labels) if labels is not None else None,
+                                        logits=logits)
+
+    def head_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the head's outputs, in fp32 whatever the autocast dtype: cross-entropy over the classes
+        (labels B, ids), or for regression the mean squared error of the one output (labels B, floats)."""
+        if self.objective == "regression":
+            return F.mse_loss(logits.float().squeeze(-1), labels.float())
+        return F.cross_entropy(logits.float(), labels)
 
     def num_parameters_split(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, each shared tensor counted once."""

@@ -161,7 +161,7 @@ class LSTModel(MemtuneModel):
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         if labels is None:
             raise ValueError("lst: Fisher initialisation needs batches with true `labels`")
-        return F.cross_entropy(self.head(self.backbone.pool(h, ctx)).float(), labels)
+        return self.head_loss(self.head(self.backbone.pool(h, ctx)), labels)
 
     # -- the frozen trunk ------------------------------------------------------------------------------------------
     @torch.no_grad()

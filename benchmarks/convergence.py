@@ -5,7 +5,8 @@
 
 Each method runs as its own `memtune compare --seeds ...` (a fresh process per seed) into
 runs/convergence/<task>/<method>/, and its results.json is copied to benchmarks/convergence/<task>/<method>.json
-as soon as it finishes, so an interrupted benchmark keeps what it measured. `--lr-grid` adds a learning-rate
+as soon as it finishes, so an interrupted benchmark keeps what it measured; `--collect` turns the seeds an
+interrupted method did finish (their metrics.json) into its record, marked `partial`. `--lr-grid` adds a learning-rate
 grid per method (multiples of the method's default learning rate, chosen on a validation split carved from the
 training data, see memtune.sweep). `python benchmarks/make_results.py` tabulates the finished methods.
 
@@ -15,6 +16,7 @@ eval mode (`trunk_dropout=false`; so does QST), which the cache needs on a backb
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -52,6 +54,8 @@ def main():
     ap.add_argument("--methods", default=None, help="comma list (default: the task's list)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr-grid", default=None, help="multiples of each method's default lr, e.g. 0.3,1,3")
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: record the finished seeds of methods whose compare was interrupted")
     a = ap.parse_args()
     name = next((t for t in TASKS if t.startswith(a.task)), None)
     if name is None:
@@ -61,6 +65,12 @@ def main():
     dest.mkdir(parents=True, exist_ok=True)
     for m in (a.methods.split(",") if a.methods else task["methods"]):
         out = Path("runs/convergence") / name / m.replace("+", "_")
+        if a.collect:
+            record = partial_record(out, method_spec(m))
+            if record and not (out / "results.json").exists():
+                (dest / f"{m.replace('+', '_')}.json").write_text(json.dumps({"records": [record]}, indent=1) + "\n")
+                print(f"{m}: seeds {record['seeds']} of an interrupted run", flush=True)
+            continue
         cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m),
                "--seeds", a.seeds, "--out", str(out), "--no-progress"]
         if a.lr_grid:
@@ -68,6 +78,25 @@ def main():
         print("$", " ".join(cmd[1:]), flush=True)
         if subprocess.run(cmd).returncode == 0 and (out / "results.json").exists():
             shutil.copy(out / "results.json", dest / f"{m.replace('+', '_')}.json")
+
+
+def partial_record(out: Path, label: str) -> dict | None:
+    """The record `memtune compare --seeds` would have written, from the seeds that finished (seed-N/metrics.json
+    under the method's row folder); None when no seed finished."""
+    from memtune.sweep import ci95_half_width
+
+    runs = sorted(out.glob("*/seed-*/metrics.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not runs:
+        return None
+    seeds = [json.loads(p.read_text()) for p in runs]
+    first, accs = seeds[0], [r["accuracy"] for r in seeds]
+    settings = {**first["settings"], "seeds": [r["settings"]["seed"] for r in seeds]}
+    return {**{k: first[k] for k in ("method", "config", "peak_bytes", "activation_peak_bytes", "steps",
+                                      "wall_time_s", "trainable_pct", "train_examples", "test_examples")},
+            "label": label,
+            "techniques": first.get("techniques", []), "settings": settings, "seeds": settings["seeds"],
+            "accuracy_per_seed": accs, "accuracy_mean": sum(accs) / len(accs),
+            "accuracy_ci95": ci95_half_width(accs), "partial": True}
 
 
 def default_lr(spec: str, task: dict) -> float:

@@ -227,12 +227,12 @@ def convergence_targets(add) -> None:
             ci = f" ± {r['accuracy_ci95']:.3f}" if r.get("accuracy_ci95") else ""
             if full:
                 gap = 100 * (full["accuracy_mean"] - r["accuracy_mean"])
-                add(f"{name} accuracy vs full fine-tuning at convergence, {title} (3 seeds)",
+                add(f"{name} accuracy vs full fine-tuning at convergence, {title} ({len(r['accuracy_per_seed'])} seeds)",
                     f"{r['accuracy_mean']:.3f}{ci}: {abs(gap):.1f} points {'below' if gap >= 0 else 'above'}",
                     "within 1 point", gap <= 1.0)
             if gc and name in ("lst", "sherl", "qst"):
                 gap = 100 * (gc["accuracy_mean"] - r["accuracy_mean"])
-                add(f"{name} accuracy vs LoRA+gc at convergence, {title} (3 seeds)",
+                add(f"{name} accuracy vs LoRA+gc at convergence, {title} ({len(r['accuracy_per_seed'])} seeds)",
                     f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'}", "within 1 point", gap <= 1.0)
         probe = done.get("linear")
         if probe:
@@ -336,14 +336,16 @@ def convergence_section() -> str:
         done = [r for r in records if "error" not in r]
         s = done[0]["settings"]
         gc = next((r for r in done if r["label"] == "lora+gc"), None)
+        shape = f"{s['batch_size']} × {s['max_length']}" if s.get("image_size") is None else \
+            f"{s['batch_size']} images of {s['image_size']} px"
+        step = (f"{s['memory_batch_size']} × {s['memory_max_length']}" if s.get("memory_batch_size") else shape)
         out += [f"## CPU: accuracy at convergence, {title}", "",
                 f"Command: `python benchmarks/convergence.py --task {task.split('-')[0]}` (each method: `memtune compare "
-                f"--methods M --seeds 0,1,2`, batch {s['batch_size']} × {s['max_length']}, {s['epochs']:g} epochs, default "
+                f"--methods M --seeds 0,1,2`, batch {shape}, {s['epochs']:g} epochs, default "
                 f"learning rates, {s['precision']}; side methods replay the frozen trunk from epoch 2). Budget: one "
                 f"CPU thread per run, {BUDGET[task]}; methods not listed did not finish "
                 "within the session; wall times (training and evaluation of one seed) were taken while other jobs shared the "
-                "two cores. Interval: 95 % Student t over the seeds. Peak: one step at batch "
-                f"{s['memory_batch_size']} × {s['memory_max_length']} (CPU tracker).", "",
+                f"two cores. Interval: 95 % Student t over the seeds. Peak: one step at batch {step} (CPU tracker).", "",
                 "| method | accuracy per seed | mean ± 95 % | vs full | peak GiB (vs LoRA+gc) | steps | wall s, seed 0 |",
                 "|---|---|---|---|---|---|---|"]
         full = next((r for r in done if r["label"] == "full"), None)
@@ -355,7 +357,8 @@ def convergence_section() -> str:
             gap = f"{(r['accuracy_mean'] - full['accuracy_mean']) * 100:+.1f} pt" if full else "–"
             peak = f"{r['peak_bytes'] / GIB:.3f} ({ratio(r['peak_bytes'], gc['peak_bytes']) if gc else '–'}×)"
             seeds = ", ".join(f"{a:.3f}" for a in r["accuracy_per_seed"])
-            out.append(f"| {r['label']} | {seeds} | {r['accuracy_mean']:.3f}{ci} | {gap} | {peak} | {r['steps']} | {r['wall_time_s']:.0f} |")
+            label = r["label"] + (f" ({len(r['seeds'])} seeds: interrupted)" if r.get("partial") else "")
+            out.append(f"| {label} | {seeds} | {r['accuracy_mean']:.3f}{ci} | {gap} | {peak} | {r['steps']} | {r['wall_time_s']:.0f} |")
         out.append("")
     return "\n".join(out)
 

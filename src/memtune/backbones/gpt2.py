@@ -12,7 +12,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .base import Backbone, Context, residual_sublayer
-from .side_network import Fused, PruneGroup, SideNetworkHooks, nearest_width, norm_step
+from .side_network import Fused, PruneGroup, SideNetworkHooks, causal_side_context, nearest_width, norm_step
 
 
 class GPT2Backbone(SideNetworkHooks, Backbone):
@@ -83,12 +83,8 @@ class GPT2Backbone(SideNetworkHooks, Backbone):
     def side_norm(self, d_side, cfg):
         return nn.LayerNorm(d_side, eps=cfg.layer_norm_epsilon)
 
-    @torch.no_grad()
     def side_context(self, s, ctx, cfg, rotary=None, cache=None):
-        pos = ctx["position_ids"]
-        return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"],
-                                           past_key_values=cache, position_ids=pos),
-                "pos": pos, "cache": cache}
+        return causal_side_context(s, ctx, cfg, rotary, cache)
 
     def run_side_block(self, block, s, sctx):
         return block(s, sctx["cache"], sctx["mask"], position_ids=sctx["pos"])

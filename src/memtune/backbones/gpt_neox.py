@@ -16,7 +16,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .base import Backbone, Context, UnsupportedModel, residual_sublayer
-from .side_network import Fused, PruneGroup, SideNetworkHooks, nearest_width, norm_step
+from .side_network import Fused, PruneGroup, SideNetworkHooks, causal_side_context, nearest_width, norm_step
 
 
 def rotary_fraction(config) -> float:
@@ -111,12 +111,8 @@ class GPTNeoXBackbone(SideNetworkHooks, Backbone):
     def make_side_rotary(self, cfg):
         return type(self.decoder.rotary_emb)(cfg)
 
-    @torch.no_grad()
     def side_context(self, s, ctx, cfg, rotary=None, cache=None):
-        pos = ctx["position_ids"]
-        return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"],
-                                           past_key_values=cache, position_ids=pos),
-                "rope": rotary(s, pos), "pos": pos, "cache": cache}
+        return causal_side_context(s, ctx, cfg, rotary, cache)
 
     def run_side_block(self, block, s, sctx):
         return block(s, attention_mask=sctx["mask"], position_ids=sctx["pos"], position_embeddings=sctx["rope"],

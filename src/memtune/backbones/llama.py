@@ -14,7 +14,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .base import Backbone, Context, UnsupportedModel, residual_sublayer
-from .side_network import PruneGroup, SideNetworkHooks, has_submodule, nearest_width, norm_step
+from .side_network import PruneGroup, SideNetworkHooks, causal_side_context, has_submodule, nearest_width, norm_step
 
 
 class LlamaLikeBackbone(SideNetworkHooks, Backbone):
@@ -108,12 +108,8 @@ class LlamaLikeBackbone(SideNetworkHooks, Backbone):
     def make_side_rotary(self, cfg):
         return type(self.decoder.rotary_emb)(cfg)
 
-    @torch.no_grad()
     def side_context(self, s, ctx, cfg, rotary=None, cache=None):
-        pos = ctx["position_ids"]
-        return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"],
-                                           past_key_values=cache, position_ids=pos),
-                "rope": rotary(s, pos), "pos": pos, "cache": cache}
+        return causal_side_context(s, ctx, cfg, rotary, cache)
 
     def run_side_block(self, block, s, sctx):
         return block(s, attention_mask=sctx["mask"], position_embeddings=sctx["rope"], position_ids=sctx["pos"],

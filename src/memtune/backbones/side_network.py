@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.masking_utils import create_causal_mask
 
 from .base import UnsupportedModel
 
@@ -100,6 +101,19 @@ class PruneGroup:
     output: str
     heads: tuple[int, int, int] | None = None
     head_norms: tuple[str, ...] = ()
+
+
+@torch.no_grad()
+def causal_side_context(s: torch.Tensor, ctx: dict, cfg, rotary=None, cache=None) -> dict:
+    """The side blocks' context of a causal decoder: the causal mask at the side config (B×T padding from
+    ctx["token_mask"], a KV cache when decoding), the backbone's positions, and the rotary table of the side
+    head width where the family has one (`rotary`: the module `make_side_rotary` built)."""
+    pos = ctx["position_ids"]
+    sctx = {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"],
+                                       past_key_values=cache, position_ids=pos), "pos": pos, "cache": cache}
+    if rotary is not None:
+        sctx["rope"] = rotary(s, pos)
+    return sctx
 
 
 def has_submodule(block: nn.Module, path: str) -> bool:

@@ -15,8 +15,14 @@ from memtune.methods.lst import model as lst_model_module
 from .side_helpers import batch_for, fit_fixed_batch
 
 FAMILIES = [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-dinov2", 3), ("tiny-t5", 3), ("tiny-llama", 3),
-            ("tiny-llama", None), ("tiny-opt", 3), ("tiny-opt", None), ("tiny-distilbert", 3), ("tiny-gpt2", 3), ("tiny-gpt2", None), ("tiny-phi3", 3), ("tiny-phi3", None), ("tiny-gpt-neox", 3), ("tiny-gpt-neox", None), ("tiny-clip-vision", 3), ("tiny-siglip-vision", 3), ("tiny-qwen3", 3), ("tiny-qwen3", None), ("tiny-gemma2", 3), ("tiny-gemma2", None), ("tiny-gemma3", 3), ("tiny-gemma3", None)]
-IDS = ["bert", "vit", "dinov2", "t5", "llama-cls", "llama-lm", "opt-cls", "opt-lm", "distilbert", "gpt2-cls", "gpt2-lm", "phi3-cls", "phi3-lm", "neox-cls", "neox-lm", "clip-vision", "siglip-vision", "qwen3-cls", "qwen3-lm", "gemma2-cls", "gemma2-lm", "gemma3-cls", "gemma3-lm"]
+            ("tiny-llama", None), ("tiny-opt", 3), ("tiny-opt", None), ("tiny-distilbert", 3), ("tiny-gpt2", 3),
+            ("tiny-gpt2", None), ("tiny-phi3", 3), ("tiny-phi3", None), ("tiny-gpt-neox", 3), ("tiny-gpt-neox", None),
+            ("tiny-clip-vision", 3), ("tiny-siglip-vision", 3), ("tiny-qwen3", 3), ("tiny-qwen3", None),
+            ("tiny-gemma2", 3), ("tiny-gemma2", None), ("tiny-gemma3", 3), ("tiny-gemma3", None),
+            ("tiny-modernbert", 3)]
+IDS = ["bert", "vit", "dinov2", "t5", "llama-cls", "llama-lm", "opt-cls", "opt-lm", "distilbert", "gpt2-cls", "gpt2-lm",
+       "phi3-cls", "phi3-lm", "neox-cls", "neox-lm", "clip-vision", "siglip-vision", "qwen3-cls", "qwen3-lm",
+       "gemma2-cls", "gemma2-lm", "gemma3-cls", "gemma3-lm", "modernbert"]
 T5_BASE = dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12, vocab_size=32128)
 T5_BASE_K = (1, 2, 3, 5, 6, 7, 9, 10, 11)
 
@@ -210,7 +216,7 @@ QKV = {"tiny-t5": ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v"),
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-qwen3",
                                   "tiny-gemma2", "tiny-gemma3", "tiny-phi3", "tiny-gpt2", "tiny-gpt-neox",
-                                  "tiny-siglip-vision"])   # CLIP: no final token norm to prune from
+                                  "tiny-siglip-vision", "tiny-modernbert"])   # CLIP: no final token norm
 def test_pruning_copies_recorded_slices(name):
     model = wrap(name, keep_layers=(0, 2, 3))
     records = model.pruning_records

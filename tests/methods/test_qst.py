@@ -67,7 +67,9 @@ def randomize_side(model, seed=5):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-KINDS = ["llama-lm", "llama-cls", "tiny-bert", "tiny-vit", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-phi3", "tiny-gpt-neox", "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"]
+KINDS = ["llama-lm", "llama-cls", "tiny-bert", "tiny-vit", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-phi3",
+         "tiny-gpt-neox", "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3",
+         "tiny-modernbert"]
 
 
 # -- config ---------------------------------------------------------------------------------------------------

@@ -23,10 +23,13 @@ import copy
 import torch
 from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 
+from torch import nn
+
 from .base import Backbone, Context, residual_sublayer
+from .side_network import Fused, PruneGroup, SideNetworkHooks, build_block, nearest_width, norm_step
 
 
-class ModernBertBackbone(Backbone):
+class ModernBertBackbone(SideNetworkHooks, Backbone):
     family = "modernbert"
     dropout_field = "mlp_dropout"
     activation_field = "hidden_activation"
@@ -38,12 +41,7 @@ class ModernBertBackbone(Backbone):
     ia3_targets = ("Wqkv", "mlp.Wo")
     ia3_feedforward = ("mlp.Wo",)
     adapter_sites = ("attn.Wo", "mlp.Wo")
-    # No "side_network": LST's pruned-weight initialisation (side_network.PruneGroup, methods/lst/prune.py)
-    # keeps the same top rows in every input projection and hands them to the output projection as its
-    # columns. On the fused Wqkv (3d rows) and Wi (2·d_ff rows) it would rank the stacked parts as one
-    # matrix: the kept rows would mix q, k and v (and input and gate) unevenly and index past Wo's d (d_ff)
-    # columns. A correct plan needs a PruneGroup that knows the fused parts, i.e. a change to side_network.py.
-    capabilities = frozenset({"encoder", "single_stack", "sublayers"})
+    capabilities = frozenset({"encoder", "single_stack", "sublayers", "side_network"})
 
     @property
     def blocks(self):
@@ -112,6 +110,75 @@ class ModernBertBackbone(Backbone):
         """a + W_o·Dropout(act(input) ⊙ gate), [input ‖ gate] = W_i·LN_mlp(a) (GeGLU)."""
         blk = self.blocks[i]
         return residual_sublayer(a, blk.mlp, blk.mlp_norm, "pre", branch_hook)
+
+    # -- side networks (LST, QST; see side_network.py) ---------------------------------------------------
+    # The side blocks are ModernBERT blocks at width d' = H·d_kv' (the attention class derives d_kv from d/H;
+    # rotary positions need an even d_kv'), each of the attention kind of the layer it mirrors, with their own
+    # rotary tables (global and local theta) at the side head width. The fused Wqkv (q | k | v) and Wi
+    # (input | gate) are pruned part by part with the same kept rows (side_network.Fused).
+    fused_side_attention = True
+    side_dropout_fields = ("mlp_dropout",)
+    side_attention_dropout_field = "attention_dropout"
+
+    def side_widths(self, config, r, heads, exact):
+        """d' = H·d_kv' with d_kv' = 2·round(d_kv/(2r)) ≥ 2, d_ff' = round(d_ff/r) (exact: d/r, ⌊d_ff/r⌋)."""
+        if exact:
+            return {"hidden_size": config.hidden_size // r, "intermediate_size": config.intermediate_size // r}
+        H = config.num_attention_heads
+        head_dim = max(2, 2 * round(config.hidden_size // H / (2 * r)))
+        return {"hidden_size": H * head_dim, "intermediate_size": nearest_width(config.intermediate_size, r)}
+
+    def side_width_problem(self, r, heads=None):
+        problem = super().side_width_problem(r, heads)
+        head_width = self.config.hidden_size // r // self.config.num_attention_heads
+        if problem is None and head_width % 2:
+            return f"the side head width d/(r·H)={head_width} is odd; rotary positions need an even one"
+        return problem
+
+    def side_config(self, stack_config, r, keep=None, **options):
+        c = super().side_config(stack_config, r, keep=keep, **options)
+        c.side_mirrors = tuple(range(stack_config.num_hidden_layers)) if keep is None else tuple(keep)
+        return c
+
+    def make_side_block(self, cfg, index, decoder=False):
+        """A ModernBERT block at the side config whose attention norm is there exactly when the mirrored layer
+        has one (only layer 0 reads the already normalised embedding without it)."""
+        block = build_block(type(self.blocks[0]), cfg, index)
+        if cfg.side_mirrors[index] == 0:
+            block.attn_norm = nn.Identity()
+        elif isinstance(block.attn_norm, nn.Identity):
+            block.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        return block
+
+    def side_norm(self, d_side, cfg):
+        return nn.LayerNorm(d_side, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+    def make_side_rotary(self, cfg):
+        return type(self.model.rotary_emb)(cfg)
+
+    @torch.no_grad()
+    def side_context(self, s, ctx, cfg, rotary=None, cache=None):
+        pos = torch.arange(s.shape[1], device=s.device).unsqueeze(0)
+        mask = ctx["token_mask"]
+        return {"masks": {"full_attention": create_bidirectional_mask(config=cfg, inputs_embeds=s, attention_mask=mask),
+                          "sliding_attention": create_bidirectional_sliding_window_mask(
+                              config=cfg, inputs_embeds=s, attention_mask=mask)},
+                "rope": {kind: rotary(s, pos, kind) for kind in set(cfg.layer_types)}}
+
+    def run_side_block(self, block, s, sctx):
+        kind = block.attention_type
+        return block(s, attention_mask=sctx["masks"][kind], position_embeddings=sctx["rope"][kind])
+
+    @property
+    def pruning_embedding(self):
+        return self.model.embeddings.tok_embeddings.weight
+
+    def pruning_plan(self, block):
+        H = self.config.num_attention_heads
+        return [norm_step(block, "attn_norm"),
+                PruneGroup((Fused("attn.Wqkv", (1, 1, 1)),), "attn.Wo", (H, H, self.config.hidden_size // H)),
+                norm_step(block, "mlp_norm"),
+                PruneGroup((Fused("mlp.Wi", (1, 1)),), "mlp.Wo")]
 
     # -- planner facts (see Backbone) ------------------------------------------------------------------
     pooling = ("config.classifier_pooling, as ModernBertForSequenceClassification: 'cls' → h[:, 0], "

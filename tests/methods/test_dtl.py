@@ -51,7 +51,7 @@ def reference_logits(model, batch):
         h, ctx = bb.embed(batch)
         for i in range(bb.num_layers):
             h = bb.run_block(i, h, ctx)
-        if bb.family == "vit":
+        if bb.family == "vit" and model.method_config.readout == "patch-mean":
             rows, cols = ctx["grid"]
             feats = bb.model.layernorm(h[:, h.shape[1] - rows * cols:].mean(1))   # pool, then final LN
         else:
@@ -150,6 +150,21 @@ def test_output_at_init_equals_backbone(name, method):
     randomize_side(m)                            # the comparison can fail: a trained side network differs
     with torch.no_grad():
         assert (m(**batch).logits - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-dinov2"])
+def test_backbone_readout_is_the_linear_probes_features(name):
+    """readout=backbone: the head reads [CLS ‖ mean] (2D) as the linear probe does, and the start is still the
+    backbone's output through that read-out."""
+    m = wrap(name, "dtl", readout="backbone").eval()
+    probe = memtune.wrap(memtune.load_model(name), "linear", num_labels=3).eval()
+    assert m.feature_size == probe.feature_size == 2 * m.backbone.hidden_size
+    batch = batch_for(name)
+    with torch.no_grad():
+        assert torch.allclose(m.features(batch), probe.features(batch), atol=1e-6)
+        assert (m(**batch).logits - reference_logits(m, batch)).abs().max().item() <= 1e-6
+    with pytest.raises(ConfigError, match="readout"):
+        config_for("dtl", {"readout": "cls"})
 
 
 # -- gradients -----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from ..common.compact_linear import TAP_STORAGES
 from ..common.trunk_cache import TrunkCacheOptions
 
 FUSIONS = ("dwconv",)
+READOUTS = ("patch-mean", "backbone")
 
 
 @dataclass
@@ -35,6 +36,11 @@ class DTLConfig(TrunkCacheOptions, MethodConfig):
                  keeps it deterministic (required by cache_trunk).
     tap_storage  how the reads A_i of trunk blocks (i ≤ s₀, frozen inputs) keep their input for the weight
                  gradient: "full", "bf16" or "int8" (see `methods/common/compact_linear.py`).
+    readout      the features the head reads. "patch-mean" (default, the reference's): on one-stage patch
+                 grids (ViT-like) the final LayerNorm of the mean patch token (B×D, CLS unused); elsewhere the
+                 backbone's own pooling. "backbone": the backbone's own pooling everywhere (ViT/DINOv2: [CLS ‖
+                 mean], 2D), the read-out of the linear probe, full fine-tuning and LoRA, for like-for-like
+                 comparisons.
     cache_*      the trunk cache (`methods/common/trunk_cache.py`): cache_trunk replays the trunk's outputs
                  after the first epoch from host memory (or cache_dir), verified by an input checksum on every
                  hit. Bit-identical to not caching with cache_dtype=full.
@@ -49,6 +55,7 @@ class DTLConfig(TrunkCacheOptions, MethodConfig):
     kernel: int = 3
     trunk_dropout: bool = False
     tap_storage: str = "full"
+    readout: str = "patch-mean"
 
     def validate(self):
         n = self.name
@@ -66,6 +73,7 @@ class DTLConfig(TrunkCacheOptions, MethodConfig):
             check(len(blocks) > 0, f"{n}.{field} must list at least one block index (or be none for the default)")
             check(all(b >= 0 for b in blocks), f"{n}.{field} must be block indices >= 0, got {list(blocks)}")
             check(len(set(blocks)) == len(blocks), f"{n}.{field} repeats a block index: {list(blocks)}")
+        check(self.readout in READOUTS, f"{n}.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
         check(self.tap_storage in TAP_STORAGES,
               f"{n}.tap_storage must be one of {', '.join(TAP_STORAGES)}, got {self.tap_storage!r}")
         self.validate_trunk_cache()

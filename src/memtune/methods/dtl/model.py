@@ -124,9 +124,10 @@ class DTLModel(MemtuneModel):
 
     @property
     def _pools_patch_mean(self) -> bool:
-        """One-stage patch grids (ViT-like): DTL pools the patch tokens itself (see the module docstring)."""
+        """One-stage patch grids (ViT-like) with readout="patch-mean": DTL pools the patch tokens itself (see the
+        module docstring)."""
         bb = self.backbone
-        return bb.token_layout == "grid" and len(bb.stage_starts) == 1
+        return self.method_config.readout == "patch-mean" and bb.token_layout == "grid" and len(bb.stage_starts) == 1
 
     @property
     def feature_size(self) -> int:

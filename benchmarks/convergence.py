@@ -40,12 +40,17 @@ TASKS = {
         "flags": ["--model", "dinov2-s", "--task", "fashion-mnist", "--image-size", "112", "--batch-size", "16",
                   "--train-limit", "5000", "--test-limit", "5000", "--epochs", "3"],
         "methods": ["linear", "lst", "dtl", "sherl", "qst", "full", "lora+gc", "meft1"], "family": "vit",
+        # 5,000 images × 65 tokens × 13 taps × 384 × 4 bytes ≈ 6 GiB in fp32: the side networks' caches keep bf16.
+        "cache_options": ":cache_dtype=bf16",
     },
 }
 
 
-def method_spec(name: str) -> str:
-    return CACHED.get(name, name)
+def method_spec(name: str, task: dict | None = None) -> str:
+    if name not in CACHED:
+        return name
+    extra = (task or {}).get("cache_options", "") if name != "dtl" else ""
+    return CACHED[name] + extra
 
 
 def main():
@@ -66,12 +71,12 @@ def main():
     for m in (a.methods.split(",") if a.methods else task["methods"]):
         out = Path("runs/convergence") / name / m.replace("+", "_")
         if a.collect:
-            record = partial_record(out, method_spec(m))
+            record = partial_record(out, method_spec(m, task))
             if record and not (out / "results.json").exists():
                 (dest / f"{m.replace('+', '_')}.json").write_text(json.dumps({"records": [record]}, indent=1) + "\n")
                 print(f"{m}: seeds {record['seeds']} of an interrupted run", flush=True)
             continue
-        cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m),
+        cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m, task),
                "--seeds", a.seeds, "--out", str(out), "--no-progress"]
         if a.lr_grid:
             cmd += ["--lr-grid", ",".join(f"{float(x) * default_lr(m, task):g}" for x in a.lr_grid.split(","))]

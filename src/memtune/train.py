@@ -321,6 +321,9 @@ def _train(args: TrainArgs, folder: RunFolder) -> dict:
     loader = DataLoader(_Indexed(task.train), batch_size=args.batch_size, sampler=sampler,
                         collate_fn=_WithIds(collate), drop_last=len(task.train) >= args.batch_size,
                         generator=torch.Generator().manual_seed(args.seed))
+    cache = getattr(model, "trunk_cache", None)
+    if cache is not None:               # each process stores the examples of its shard of every epoch
+        cache.expected_examples = min(len(task.train), len(loader) * args.batch_size) // accelerator.num_processes
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     optimizer = make_optimizer(model, args)

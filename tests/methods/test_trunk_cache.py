@@ -148,6 +148,28 @@ def test_store_fetch_bf16_and_budget(where, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_too_big_for_the_budget_stops_at_its_first_batch(tmp_path, capsys):
+    """With the run's example count known, the first store projects the whole cache (per example × count) and
+    refuses at once, naming the remedies; a run that fits stores as before."""
+    cache = TrunkCache(10_000)
+    cache.expected_examples = 100                          # 100 × (3 rows × 2 × 16 × 4 bytes) = 38,400 > 10,000
+    with pytest.raises(TrunkCacheError, match=r"its 100 training examples need about .*cache_dtype=bf16"):
+        cache.store([0, 1], [1, 2], torch.randn(6, 2, 16), [3, 3])
+    assert len(cache) == 0
+    cache.expected_examples = 20                           # 20 × 384 = 7,680 bytes: fits
+    cache.store([0, 1], [1, 2], torch.randn(6, 2, 16), [3, 3])
+    assert len(cache) == 2
+    # End to end: memtune train refuses in the first step with exit 2, before any epoch's work is lost.
+    from memtune.cli import main
+
+    csv = tmp_path / "t.csv"
+    csv.write_text("text,label\n" + "".join(f"film number {i},{i % 2}\n" for i in range(40)))
+    rc = main(["train", "--model", "tiny-bert", "--task", f"csv:{csv}", "--method", "lst", "--cache-trunk", "true",
+               "--trunk-dropout", "false", "--cache-max-bytes", "20000", "--batch-size", "4", "--max-length", "16",
+               "--no-progress", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "training examples need about" in capsys.readouterr().err
+
+
 def test_memory_report_counts_the_host_cache():
     m = _wrap("lst", "tiny-vit", cache_trunk=True).train()
     batch = image_batch([0, 1])

@@ -112,6 +112,9 @@ class TrunkCache:
         self.rows_used = 0
         self.hits = 0                                      # batches served from the cache
         self.mismatches = 0                                # examples whose input changed under their id
+        # How many examples the run will store (set by the training loop): the first store then checks that
+        # all of them fit, so a run too big for the budget stops at its first batch, not deep into epoch 1.
+        self.expected_examples: int | None = None
         self._warned = False
         self._mem: dict[int, torch.Tensor] = {}            # host memory: id → (T_e, K, D)
         self._path: str | None = None
@@ -168,6 +171,13 @@ class TrunkCache:
         return raw.view(self.dtype).view(len(rows), *self.row_shape)
 
     # -- storing ----------------------------------------------------------------------------------------
+    def _remedy(self, per_example: int) -> str:
+        k, d = self.row_shape
+        return (f"About {_fmt(per_example)} per example (up to T tokens × {k} tensors × {d} values × "
+                f"{self.row_bytes // (k * d)} bytes): raise cache_max_bytes to at least that × the number of "
+                "training examples, use a cache_dir on disk with room for it, store bf16 (cache_dtype=bf16), or "
+                "set cache_trunk=false")
+
     def store(self, ids: list[int], checksums: list[int], rows: torch.Tensor, lengths: list[int]) -> None:
         """Store examples `ids`: rows (Σ lengths)×K×D, example j's lengths[j] rows in order. An id already
         stored with the same checksum is kept; one with another checksum is replaced."""
@@ -190,16 +200,17 @@ class TrunkCache:
         need = sum(p.shape[0] for _, _, p in grow) * self.row_bytes
         freed = sum(self.index[i][1] for i, _, _ in grow if i in self.index) * self.row_bytes \
             if self.directory is None else 0
+        per_example = need // max(1, len(grow))
+        if self.expected_examples and not self.index and grow and per_example * self.expected_examples > self.max_bytes:
+            raise TrunkCacheError(
+                f"trunk cache budget too small for this run: its {self.expected_examples} training examples need "
+                f"about {_fmt(per_example * self.expected_examples)} (estimated from the first batch) but "
+                f"cache_max_bytes={self.max_bytes} ({_fmt(self.max_bytes)}). " + self._remedy(per_example))
         if self.nbytes + need - freed > self.max_bytes:
-            per_example = need // max(1, len(grow))
-            k, d = self.row_shape
             raise TrunkCacheError(
                 f"trunk cache budget too small: cache_max_bytes={self.max_bytes} ({_fmt(self.max_bytes)}) "
                 f"already holds {len(self)} examples ({_fmt(self.nbytes)}) and this batch needs {_fmt(need)} "
-                f"more (about {_fmt(per_example)} per example: up to T tokens × {k} tensors × {d} values × "
-                f"{self.row_bytes // (k * d)} bytes). Raise cache_max_bytes to at least that per example × the "
-                f"number of training examples, use a cache_dir on disk with room for it, store bf16 "
-                f"(cache_dtype=bf16), or set cache_trunk=false")
+                "more. " + self._remedy(per_example))
         if self.directory is None:
             for i, c, p in grow:
                 if i in self.index:

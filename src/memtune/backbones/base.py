@@ -337,7 +337,11 @@ class Backbone(nn.Module):
                        target_length: int = 1, dtype: torch.dtype = torch.float32, device="meta"
                        ) -> dict[str, torch.Tensor]:
         """The model inputs of a planned step, without labels: token ids B×max_length (zeros) and an
-        attention mask of ones (padded to exactly the planned length, every token real). image_size,
-        target_length and dtype are for the families that read them (pixels; decoder positions)."""
+        attention mask of ones (padded to exactly the planned length, every token real); for image families
+        pixel_values B×3×S×S (zeros), S = image_size or the family's default, where max_length does not apply.
+        target_length and dtype are for the families that read them (decoder positions; pixels)."""
+        if cls.modality == "image":
+            size = image_size or cls.default_image_size(config)
+            return {"pixel_values": torch.zeros(batch_size, 3, size, size, dtype=dtype, device=device)}
         ids = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -153,13 +153,6 @@ class VisionTowerBackbone(SideNetworkHooks, Backbone):
         ph, pw = _pair(config.patch_size)
         return (image_size // ph) * (image_size // pw) + cls.prefix_tokens
 
-    @classmethod
-    def planning_batch(cls, config, batch_size, max_length, image_size=None, target_length=1,
-                       dtype=torch.float32, device="meta"):
-        """pixel_values B×3×S×S (zeros), S = image_size or the default; max_length does not apply."""
-        size = image_size or cls.default_image_size(config)
-        return {"pixel_values": torch.zeros(batch_size, 3, size, size, dtype=dtype, device=device)}
-
 
 class CLIPVisionBackbone(VisionTowerBackbone):
     """CLIP's vision tower: a class token, a LayerNorm before the blocks (`pre_layrnorm`, transformers'

@@ -165,13 +165,6 @@ class ViTLikeBackbone(SideNetworkHooks, Backbone):
         return (image_size // config.patch_size) ** 2 + 1          # the patch grid and [CLS]
 
     @classmethod
-    def planning_batch(cls, config, batch_size, max_length, image_size=None, target_length=1,
-                       dtype=torch.float32, device="meta"):
-        """pixel_values B×3×S×S (zeros), S = image_size or the default; max_length does not apply."""
-        size = image_size or cls.default_image_size(config)
-        return {"pixel_values": torch.zeros(batch_size, 3, size, size, dtype=dtype, device=device)}
-
-    @classmethod
     def tiny_configs(cls):
         from transformers import Dinov2Config, ViTConfig
 

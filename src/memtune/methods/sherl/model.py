@@ -56,7 +56,7 @@ class SHERLModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
         D = backbone.hidden_size
-        recipe = self.recipe = config.resolved(backbone)      # r, projection, restore, init, drop_every
+        recipe = config.resolved(backbone)                    # r, projection, restore, init, drop_every
         d = D // recipe["r"]
         check(d >= 1, f"sherl.r={recipe['r']} leaves a side width of 0 for hidden size {D}; allowed: 1..{D}")
         encoder_decoder = backbone.is_encoder_decoder

@@ -317,6 +317,34 @@ def smollm2_section() -> str:
     return "\n".join(out)
 
 
+def glue_t5_section() -> str:
+    """The LST paper's GLUE protocol, text-to-text (benchmarks/glue_t5.py): per task × method the test metric of
+    the generated label words (mean ± 95 % half-width over seeds), constrained scoring's accuracy, the share of
+    outputs that were no label word, and the planned step peak at the run's shapes."""
+    path = HERE / "glue_t5.json"
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    what = ("tiny-t5 (random weights) on a generated GLUE-format copy: a check that the protocol runs end to end "
+            "here, not the paper's accuracy" if d["smoke"] else f"{d['model']} on the user's GLUE copy")
+    out = ["## T5 text-to-text on GLUE (the LST paper's protocol)", "",
+           f"Command: `{d['command']}` ({what}; {d['seconds'] / 60:.0f} minutes on this machine). Each class is "
+           f"generated as its label words through the frozen tied LM head; target length {d['target_length']} "
+           "tokens with EOS. Metric = the task's main metric of the generated words (no label word = wrong); "
+           "scored = accuracy of the likeliest label word (constrained scoring); plan = one training step's peak "
+           "(`memtune plan --objective seq2seq`) at the run's batch and lengths.", "",
+           "| task | method | metric | mean ± 95 % | scored accuracy | no label word | plan peak MiB |",
+           "|---|---|---|---|---|---|---|"]
+    for r in d["summary"]:
+        ci = "" if r["ci95"] is None else f" ± {r['ci95']:.3f}"
+        peak = d["plan"].get(r["method"], {}).get("peak_bytes")
+        out.append(f"| {r['task']} | {r['method']} | {r['metric']} | {r['mean']:.3f}{ci} | "
+                   f"{r['accuracy_scored_mean']:.3f} | {r['invalid_generations_mean']:.2f} | "
+                   f"{'–' if peak is None else f'{peak / 2 ** 20:.1f}'} |")
+    out.append("")
+    return "\n".join(out)
+
+
 CONVERGENCE = {"minilm-rotten-tomatoes": "MiniLM on the full Rotten Tomatoes training split (10,174 / 2,578), 2 epochs",
                "dinov2s-fashion-mnist": "DINOv2-S on 5,000 / 5,000 Fashion-MNIST images at 112 px, 3 epochs"}
 BUDGET = {"minilm-rotten-tomatoes": "about 15 minutes per seed for full fine-tuning",
@@ -419,6 +447,7 @@ def main():
     parts.append(step_time_section())
     parts.append(plan_large_section())
     parts.append(smollm2_section())
+    parts.append(glue_t5_section())
     parts.append(cuda_section())
     parts.append(targets_section())
     for extra in ("notes.md", "plan_lst_table.md", "dtl_trunk_cache.md"):

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
 # whenever a test starts a child process (compare, DDP, kill-and-resume).
 torch.set_num_threads(1)
 
-TINY_TEXT = ("tiny-bert", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-deberta-v2", "tiny-modernbert", "tiny-phi3", "tiny-gpt-neox", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3")
+TINY_TEXT = ("tiny-bert", "tiny-t5", "tiny-bart", "tiny-mbart", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-deberta-v2", "tiny-modernbert", "tiny-phi3", "tiny-gpt-neox", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3")
 TINY_IMAGE = ("tiny-vit", "tiny-dinov2", "tiny-clip-vision", "tiny-siglip-vision", "tiny-swin")
 TINY = TINY_TEXT + TINY_IMAGE
 

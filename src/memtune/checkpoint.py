@@ -37,6 +37,8 @@ def adapter_config(model) -> dict:
         "objective": model.objective,
         "num_labels": model.num_labels,
         **label_maps(model),
+        # seq2seq: the text each class is generated as (memtune eval and predict rebuild the targets from it).
+        **({"label_words": words} if (words := getattr(model, "label_words", None)) else {}),
         # Memory techniques (gc, nf4, ...) that `memtune.load` re-applies: a quantized base is rebuilt.
         **({"techniques": t.to_dict()} if (t := getattr(model, "memory_techniques", None)) else {}),
     }
@@ -141,7 +143,7 @@ def check_compatible(saved: dict, model) -> None:
                               f"for {here['method']!r}")
     if "num_labels" in saved and saved["num_labels"] != here["num_labels"]:
         def head(n):
-            return "a causal-LM head" if n is None else f"a {n}-class head"
+            return "the LM head (no class head)" if n is None else f"a {n}-class head"
         raise CheckpointError(f"checkpoint has {head(saved['num_labels'])}, the model was built with "
                               f"{head(here['num_labels'])} (a task with other classes?)")
     saved_names, names = saved_label_names(saved), label_names(model)

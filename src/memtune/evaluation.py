@@ -1,5 +1,5 @@
-"""Scoring a wrapped model on examples: the task metrics (classification, regression) or loss and perplexity
-(causal LM). The metrics themselves are in `memtune.metrics`."""
+"""Scoring a wrapped model on examples: the task metrics (classification, regression, text-to-text) or loss and
+perplexity (causal LM). The metrics themselves are in `memtune.metrics`."""
 from __future__ import annotations
 
 import math
@@ -13,16 +13,25 @@ from .progress import Progress
 @torch.no_grad()
 def evaluate(model, examples, collate, batch_size: int, device, progress=False) -> dict:
     """Over `examples`: classification → accuracy, macro_f1, mcc (and f1 of class 1 for two classes);
-    regression → pearson, spearman, mse; causal LM → eval_loss and perplexity."""
+    regression → pearson, spearman, mse; causal LM → eval_loss and perplexity; seq2seq → the classification
+    metrics of the generated label words (an output that is no label word is wrong; its share is
+    `invalid_generations`) and `accuracy_scored`, constrained scoring's accuracy (the likeliest label word)."""
     was_training = model.training
     model.eval()
-    predictions, labels = [], []
+    predictions, labels, scored = [], [], []
     loss_sum = tokens = 0.0
     batches = range(0, len(examples), batch_size)
     bar = Progress(len(batches), "eval", enabled=progress, unit="batch", items_per_update=batch_size,
                    item_unit="examples", every_fraction=None, leave=False)
     for start in batches:
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+        if model.objective == "seq2seq":
+            pred, best = _text_to_text_predictions(model, batch, collate.label_targets)
+            predictions.append(pred)
+            scored.append(best)
+            labels.append(batch["label_ids"].cpu())
+            bar.update()
+            continue
         out = model(**batch)
         if model.objective == "causal-lm":
             n = (batch["labels"][:, 1:] != -100).sum().item()
@@ -44,4 +53,21 @@ def evaluate(model, examples, collate, batch_size: int, device, progress=False) 
     true = torch.cat(labels).numpy() if labels else []
     if model.objective == "regression":
         return {**regression_metrics(pred, true), "eval_examples": len(true)}
+    if model.objective == "seq2seq":
+        classes = len(collate.label_targets)
+        best = torch.cat(scored).numpy()
+        return {**classification_metrics(pred, true, classes),
+                "accuracy_scored": classification_metrics(best, true, classes)["accuracy"],
+                "invalid_generations": float((pred < 0).mean()), "eval_examples": len(true)}
     return {**classification_metrics(pred, true, model.num_labels), "eval_examples": len(true)}
+
+
+def _text_to_text_predictions(model, batch, targets):
+    """(generated class B, -1 where no label word; constrained-scoring class B) for one batch."""
+    from .seq2seq import greedy_generate, match_targets, score_label_words
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_ids", "decoder_input_ids")}
+    eos = model.backbone.config.eos_token_id
+    generated = greedy_generate(model, inputs, max(len(t) for t in targets), eos)
+    return (match_targets(generated.cpu(), targets, eos),
+            score_label_words(model, inputs, targets).argmax(-1).cpu())

@@ -60,13 +60,18 @@ def matthews_corrcoef(matrix: np.ndarray) -> float:
 
 def classification_metrics(predictions, labels, num_labels: int) -> dict[str, float]:
     """accuracy, macro_f1 (mean F1 over the classes), mcc, and for two classes f1 of class 1 (the positive one:
-    "equivalent" in MRPC, "duplicate" in QQP)."""
-    matrix = confusion_matrix(predictions, labels, num_labels)
+    "equivalent" in MRPC, "duplicate" in QQP).
+
+    A prediction of -1 names no class (a generated text that is no label word): it is wrong, a false negative
+    of its true class and a false positive of none (it gets a column of its own, which no true label has)."""
+    pred = np.asarray(predictions, dtype=np.int64).ravel()
+    matrix = confusion_matrix(np.where(pred < 0, num_labels, pred), labels, num_labels + 1)
+    f1 = per_class_f1(matrix)[:num_labels]
     out = {"accuracy": _ratio(np.trace(matrix), matrix.sum()),
-           "macro_f1": float(per_class_f1(matrix).mean()),
+           "macro_f1": float(f1.mean()),
            "mcc": matthews_corrcoef(matrix)}
     if num_labels == 2:
-        out["f1"] = float(per_class_f1(matrix)[1])
+        out["f1"] = float(f1[1])
     return out
 
 

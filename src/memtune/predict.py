@@ -1,4 +1,5 @@
-"""`memtune predict`: class names and probabilities of a trained adapter on new inputs.
+"""`memtune predict`: class names and probabilities of a trained adapter on new inputs (a text-to-text adapter:
+the probabilities of its label words, from their likelihoods).
 
     memtune predict --model minilm --adapter runs/x --text "a fine film" --text "dull"
     memtune predict --model minilm --adapter runs/x --file reviews.csv --json      # JSON lines
@@ -59,20 +60,32 @@ def predict(model, loaded, inputs: list, preprocessing: dict) -> list[dict[str, 
 
     from .checkpoint import label_names
     from .data import make_collate
+    from .seq2seq import model_label_targets
 
     names = label_names(model) or [str(i) for i in range(model.num_labels)]
     collate = make_collate(loaded.modality, loaded.preprocessor, max_length=preprocessing["max_length"],
                            image_size=preprocessing["image_size"])
     key = "text" if loaded.modality == "text" else "image"
+    targets = model_label_targets(model, loaded.preprocessor)
     model.eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(inputs), BATCH):
             batch = collate([{key: x, "label": 0} for x in inputs[start:start + BATCH]])
             batch.pop("labels")
-            probs = torch.softmax(model(**batch).logits.float(), dim=-1)       # B×C
+            probs = torch.softmax(class_scores(model, batch, targets).float(), dim=-1)        # B×C
             out += [dict(zip(names, row)) for row in probs.tolist()]
     return out
+
+
+def class_scores(model, batch, targets):
+    """B×C scores whose softmax is the class probabilities: the head's logits, or for a text-to-text model the
+    log-likelihoods of the label words (constrained scoring)."""
+    if model.objective == "seq2seq":
+        from .seq2seq import score_label_words
+
+        return score_label_words(model, batch, targets)
+    return model(**batch).logits
 
 
 def cmd_predict(ns) -> int:

@@ -44,7 +44,7 @@ def align_task_labels(task, task_name: str, model) -> str | None:
     from .data import TaskError
 
     adapter = label_names(model)
-    if model.objective != "classification" or adapter is None or task.label_names == adapter:
+    if model.objective not in ("classification", "seq2seq") or adapter is None or task.label_names == adapter:
         return None
     unknown = [n for n in task.label_names if n not in model.label2id]
     if unknown:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .api import wrap
+from .backbones import family_class
 from .atomic import disk_full, is_disk_full, write_json
 from .checkpoint import tensor_bytes
 from .data import load_task, make_collate
@@ -31,10 +32,12 @@ from .progress import Progress
 from .resume import finished_run_metrics, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .run_folder import RunFolder, check_run_folder, main_rank
 from .run_info import git_commit, machine, versions
+from .seq2seq import label_words_for, model_label_targets
 from .techniques.quantize import QUANTIZE_KINDS
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-OBJECTIVES = ("classification", "causal-lm", "regression")     # causal-lm: decoders; regression: one output, MSE
+# causal-lm: decoders; regression: one output, MSE; seq2seq: encoder-decoders generate each class's label words
+OBJECTIVES = ("classification", "causal-lm", "regression", "seq2seq")
 
 
 class TrainingError(RuntimeError):
@@ -69,7 +72,11 @@ class TrainArgs:
     precision: str = field(default="fp32", metadata={"choices": tuple(PRECISIONS)})
     objective: str = field(default="classification", metadata={
         "choices": OBJECTIVES, "help": "regression: numeric labels of a csv/jsonl task (glue/stsb is regression "
-                                       "by itself)"})
+                                       "by itself); seq2seq: T5/BART generate each class's label words through "
+                                       "the tied LM head (text-to-text, as the LST paper trains T5)"})
+    label_words: str | None = field(default=None, metadata={
+        "help": "seq2seq: the text of each class, in class order (negative,positive) or as name=word pairs "
+                "(default: the class names)"})
     train_limit: int | None = None
     test_limit: int | None = None
     text_column: str = field(default="text", metadata={
@@ -119,6 +126,8 @@ class TrainArgs:
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        need(self.label_words is None or self.objective == "seq2seq",
+             f"--label-words applies to --objective seq2seq, not {self.objective}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1,
              f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -176,17 +185,23 @@ def build(args: TrainArgs, loaded=None, task=None):
         raise ArgumentError(f"task {args.task!r} holds {task.kind} data but model {args.model!r} reads "
                             f"{loaded.modality}; pick a {task.kind} model")
     check_length(loaded, args.max_length)
-    causal = args.objective == "causal-lm"
-    if causal and task.regression:
+    lm_head = args.objective in ("causal-lm", "seq2seq")          # no class head: the model's LM head
+    if lm_head and task.regression:
         raise ArgumentError(f"task {args.task!r} has numeric (regression) labels; train it without "
-                            "--objective causal-lm")
+                            f"--objective {args.objective}")
+    if args.objective == "seq2seq" and not family_class(loaded.model.config).is_encoder_decoder:
+        raise ArgumentError(f"--objective seq2seq needs an encoder-decoder model (T5, BART); {args.model!r} is "
+                            f"{loaded.model.config.model_type}: use classification (or causal-lm for decoders)")
     options = dict(args.options)
     config = config_for(args.method, options)
+    words = label_words_for(task.label_names, args.label_words) if args.objective == "seq2seq" else None
     # A regression task has a one-output head (num_labels 1: the model's objective is then "regression").
-    model = wrap(loaded, config, num_labels=None if causal else task.num_labels, name=args.model,
-                 label_names=None if causal or task.regression else task.label_names, techniques=args.techniques())
+    model = wrap(loaded, config, num_labels=None if lm_head else task.num_labels, name=args.model,
+                 label_names=None if args.objective == "causal-lm" or task.regression else task.label_names,
+                 label_words=words, techniques=args.techniques())
     model.preprocessing = {"max_length": args.max_length, "image_size": args.image_size}  # saved for predict
-    return model, task, loaded, make_collate(task.kind, loaded.preprocessor, **collate_options(args, task))
+    return model, task, loaded, make_collate(task.kind, loaded.preprocessor,
+                                             **collate_options(args, task, model, loaded.preprocessor))
 
 
 def load_args_task(args: TrainArgs):
@@ -196,11 +211,13 @@ def load_args_task(args: TrainArgs):
                      data_dir=args.data_dir, regression=args.objective == "regression")
 
 
-def collate_options(args: TrainArgs, task, **overrides) -> dict:
-    """make_collate's keywords for a run: lengths, and causal-LM or regression labels."""
+def collate_options(args: TrainArgs, task, model, tokenizer, **overrides) -> dict:
+    """make_collate's keywords for a run: lengths, and causal-LM, regression or text-to-text labels (each class's
+    label-word ids from `tokenizer`)."""
     causal = args.objective == "causal-lm"
     return {"max_length": args.max_length, "image_size": args.image_size, "causal_lm": causal,
-            "regression": task.regression and not causal, **overrides}
+            "regression": task.regression and not causal,
+            "label_targets": model_label_targets(model, tokenizer), **overrides}
 
 
 def task_metric_fields(task, model) -> dict:
@@ -239,7 +256,8 @@ def measure_memory(args: TrainArgs) -> dict:
     model, task, loaded, _ = build(args)
     check_length(loaded, length)
     collate = make_collate(task.kind, loaded.preprocessor,
-                           **collate_options(args, task, max_length=length, pad_to_max_length=True))
+                           **collate_options(args, task, model, loaded.preprocessor, max_length=length,
+                                             pad_to_max_length=True))
     examples = list(itertools.islice(itertools.cycle(task.train), args.memory_batch_size or args.batch_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()

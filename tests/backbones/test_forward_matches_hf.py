@@ -112,6 +112,26 @@ def assert_sublayers_compose(bb, batch, label):
                 h = block
 
 
+def assert_decoder_sublayers_compose(bb, batch, label):
+    """decoder_ffn_sublayer ∘ decoder_cross_sublayer ∘ decoder_attention_sublayer == run_decoder_block bit for
+    bit, block by block, in eval and in train mode (same seed, same dropout masks), reading the finished
+    encoder output as memory."""
+    for training in (False, True):
+        bb.train(training)
+        with torch.no_grad():
+            h, ctx = bb.embed(batch)
+            memory = bb.finish_encoder(bb.forward_intermediates(h, ctx)[0])
+            d, dctx = bb.decoder_embed(batch, memory, ctx["token_mask"])
+            for i in range(len(bb.decoder_blocks)):
+                torch.manual_seed(i)
+                block = bb.run_decoder_block(i, d, dctx)
+                torch.manual_seed(i)
+                a = bb.decoder_attention_sublayer(i, d, dctx)
+                composed = bb.decoder_ffn_sublayer(i, bb.decoder_cross_sublayer(i, a, dctx), dctx)
+                assert torch.equal(composed, block), (label, i, training)
+                d = block
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_sublayers_compose_to_the_block(name):
     _, bb = tiny_backbone(name)
@@ -128,3 +148,21 @@ def test_sublayers_compose_to_the_block(name):
         assert torch.equal(bb.ffn_sublayer(0, a, ctx, branch_hook=lambda inp, u: u), block)
         edited = bb.ffn_sublayer(0, bb.attention_sublayer(0, h, ctx), ctx, branch_hook=lambda inp, u: u + 1)
         assert not torch.allclose(edited, block)
+    if "decoder_sublayers" not in bb.capabilities:
+        return
+    assert_decoder_sublayers_compose(bb, batch, name)
+    # The decoder's hooks edit their branches the same way: identity edits change nothing, others do.
+    bb.eval()
+    with torch.no_grad():
+        memory = bb.finish_encoder(bb.forward_intermediates(h, ctx)[0])
+        d, dctx = bb.decoder_embed(batch, memory, ctx["token_mask"])
+        block = bb.run_decoder_block(0, d, dctx)
+        same = lambda inp, u: u                                          # noqa: E731
+        a = bb.decoder_attention_sublayer(0, d, dctx, branch_hook=same)
+        c = bb.decoder_cross_sublayer(0, a, dctx, branch_hook=same)
+        assert torch.equal(bb.decoder_ffn_sublayer(0, c, dctx, branch_hook=same), block)
+        shifted = bb.decoder_cross_sublayer(0, a, dctx, branch_hook=lambda inp, u: u + 1)
+        assert not torch.allclose(bb.decoder_ffn_sublayer(0, shifted, dctx), block)
+        # The cross-attention reads ctx["memory"] at call time: other memory, other output.
+        dctx["memory"] = memory.flip(0)
+        assert not torch.allclose(bb.decoder_cross_sublayer(0, a, dctx), c)

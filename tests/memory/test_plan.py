@@ -175,7 +175,7 @@ def test_every_known_config_builds_with_the_expected_size():
 
 
 def test_every_family_answers_the_planner_from_its_config_alone():
-    from transformers import BartConfig
+    from transformers import XLNetConfig
 
     from memtune.backbones import UnsupportedModel, family_class
 
@@ -186,8 +186,8 @@ def test_every_family_answers_the_planner_from_its_config_alone():
         batch = family.planning_batch(config, 2, 8)
         assert set(batch) <= set(family.input_keys) and all(t.device.type == "meta" for t in batch.values())
         assert family.modality == ("image" if "pixel_values" in batch else "text")
-    with pytest.raises(UnsupportedModel, match="model type 'bart' is not supported; supported model types: bert"):
-        family_class(BartConfig())
+    with pytest.raises(UnsupportedModel, match="model type 'xlnet' is not supported; supported model types: bart"):
+        family_class(XLNetConfig())
 
 
 def test_a_local_config_json_works(tmp_path):
@@ -221,9 +221,9 @@ def test_config_missing_required_fields_is_a_clear_error(tmp_path, capsys):
     assert "missing: num_hidden_layers, num_attention_heads, intermediate_size" in err
     path.write_text(json.dumps({"hidden_size": 512}))
     assert "has no 'model_type'" in run_cli(capsys, "--model", str(path))[2]
-    other = tmp_path / "bart.json"
-    other.write_text(json.dumps({"model_type": "bart", "encoder_layers": 2}))
-    assert "model type 'bart' is not supported" in run_cli(capsys, "--model", str(other))[2]
+    other = tmp_path / "xlnet.json"
+    other.write_text(json.dumps({"model_type": "xlnet", "n_layer": 2}))
+    assert "model type 'xlnet' is not supported" in run_cli(capsys, "--model", str(other))[2]
 
 
 def test_bad_method_option_or_budget_is_a_clear_error(capsys):

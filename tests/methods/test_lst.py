@@ -19,10 +19,10 @@ FAMILIES = [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-dinov2", 3), ("tiny-t5", 3
             ("tiny-gpt2", None), ("tiny-phi3", 3), ("tiny-phi3", None), ("tiny-gpt-neox", 3), ("tiny-gpt-neox", None),
             ("tiny-clip-vision", 3), ("tiny-siglip-vision", 3), ("tiny-qwen3", 3), ("tiny-qwen3", None),
             ("tiny-gemma2", 3), ("tiny-gemma2", None), ("tiny-gemma3", 3), ("tiny-gemma3", None),
-            ("tiny-modernbert", 3)]
+            ("tiny-modernbert", 3), ("tiny-bart", 3), ("tiny-mbart", 3), ("tiny-deberta-v2", 3)]
 IDS = ["bert", "vit", "dinov2", "t5", "llama-cls", "llama-lm", "opt-cls", "opt-lm", "distilbert", "gpt2-cls", "gpt2-lm",
        "phi3-cls", "phi3-lm", "neox-cls", "neox-lm", "clip-vision", "siglip-vision", "qwen3-cls", "qwen3-lm",
-       "gemma2-cls", "gemma2-lm", "gemma3-cls", "gemma3-lm", "modernbert"]
+       "gemma2-cls", "gemma2-lm", "gemma3-cls", "gemma3-lm", "modernbert", "bart", "mbart", "deberta-v2"]
 T5_BASE = dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12, vocab_size=32128)
 T5_BASE_K = (1, 2, 3, 5, 6, 7, 9, 10, 11)
 
@@ -35,7 +35,7 @@ def wrap(name, num_labels=3, seed=0, **opts):
 
 def backbone_blocks(model):
     bb = model.backbone
-    return list(bb.blocks) + (list(bb.decoder_blocks) if bb.family == "t5" else [])
+    return list(bb.blocks) + (list(bb.decoder_blocks) if bb.is_encoder_decoder else [])
 
 
 # -- config ------------------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def test_registry_names_defaults_and_string_options():
         with pytest.raises(ConfigError, match=msg):
             config_for(name, opts)
     config_for("meft1", {"lam": 0, "reversible_layers": 0})  # a forward-only wiring check is allowed
-    with pytest.raises(ConfigError, match="does not support the t5 family"):
-        wrap("tiny-t5", "meft1")
+    with pytest.raises(ConfigError, match="does not support the swin family"):
+        wrap("tiny-swin", "meft1")
     with pytest.raises(ConfigError, match="reversible_layers must be at most the 3 adapted layers"):
         wrap("tiny-bert", "meft1", frozen_layers=1, reversible_layers=4)
 

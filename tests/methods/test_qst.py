@@ -69,7 +69,7 @@ def randomize_side(model, seed=5):
 
 KINDS = ["llama-lm", "llama-cls", "tiny-bert", "tiny-vit", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-phi3",
          "tiny-gpt-neox", "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3",
-         "tiny-modernbert"]
+         "tiny-modernbert", "tiny-deberta-v2"]
 
 
 # -- config ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Backbone adapters by model family; `backbone_for(model)` picks one from `config.model_type`."""
 from __future__ import annotations
 
+from .bart import BartBackbone, MBartBackbone
 from .base import Backbone, Context, UnsupportedModel
 from .bert import BertLikeBackbone
 from .deberta import DebertaV2Backbone
@@ -22,6 +23,7 @@ FAMILIES: dict[str, type[Backbone]] = {
     "mpnet": BertLikeBackbone,
     "vit": ViTLikeBackbone, "dinov2": ViTLikeBackbone,
     "t5": T5Backbone,
+    "bart": BartBackbone, "mbart": MBartBackbone,
     "llama": LlamaLikeBackbone, "mistral": LlamaLikeBackbone, "qwen2": LlamaLikeBackbone, "qwen3": LlamaLikeBackbone,
     "opt": OPTBackbone,
     "gpt2": GPT2Backbone,

@@ -205,6 +205,15 @@ class Backbone(nn.Module):
             raise UnsupportedModel(f"this {self.family} model has no language-model head")
         return self.model.lm_head(h)
 
+    def shift_right(self, targets: torch.Tensor) -> torch.Tensor:
+        """Encoder-decoders' teacher forcing: target ids B×Tt (-100 at padding) → decoder inputs B×Tt, the
+        decoder start token then the targets one step late, padding as the pad id (as transformers does)."""
+        cfg = self.config
+        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id or 0
+        ids = torch.full_like(targets, start)
+        ids[:, 1:] = targets[:, :-1]
+        return ids.masked_fill(ids == -100, cfg.pad_token_id or 0)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Context]:
         """The pretrained computation, block by block: returns finished token states and ctx."""
         h, ctx = self.embed(batch)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from .base import Backbone, Context, UnsupportedModel
+from .base import Backbone, Context, UnsupportedModel, residual_sublayer
 from .side_network import PruneGroup, SideNetworkHooks, build_block, has_submodule, nearest_width, norm_step
 
 
@@ -23,7 +23,9 @@ class T5Backbone(SideNetworkHooks, Backbone):
     is_encoder_decoder = True
     dropout_field = "dropout_rate"
     activation_field = "dense_act_fn"
-    capabilities = frozenset({"encoder_decoder", "side_network"})
+    # "sublayers": the encoder's attention / FFN sub-layers; "decoder_sublayers": the decoder's self-attention,
+    # cross-attention and FFN sub-layers (MEFT couples both stacks through them).
+    capabilities = frozenset({"encoder_decoder", "side_network", "sublayers", "decoder_sublayers"})
 
     @property
     def hidden_size(self):
@@ -117,6 +119,67 @@ class T5Backbone(SideNetworkHooks, Backbone):
 
     def pool(self, h, ctx):
         return h[:, 0]  # the start position's decoder output: B×d
+
+    # -- sub-layers (for methods that couple attention and feed-forward separately, e.g. MEFT) ----------
+    # Pre-norm with RMS norm: each sub-layer is x + Dropout(branch(RMSNorm(x))), residual included, so
+    #     run_block(i, x, ctx) == ffn_sublayer(i, attention_sublayer(i, x, ctx), ctx)
+    #     run_decoder_block(i, x, dctx) == decoder_ffn_sublayer(i, decoder_cross_sublayer(i,
+    #                                          decoder_attention_sublayer(i, x, dctx), dctx), dctx)
+    # exactly (fp16 clamps included). `branch_hook(branch_input, branch_output) -> branch_output` edits the
+    # branch (B×T×d, after its dropout) before the residual; branch_input is the normalised RMSNorm(x).
+    # Self-attention keeps ctx["position_bias"] as run_block does: block 0 makes the 1×H×T×T relative bias
+    # (from its frozen table, so it never carries a gradient) and every later call reuses it; the decoder's
+    # cross-attention likewise keeps its (zero) bias in ctx["cross_bias"].
+    @staticmethod
+    def _clamp_fp16(h):
+        """T5Block's clamp after every sub-layer in float16 (keeps inf out of the residual stream)."""
+        if h.dtype != torch.float16:
+            return h
+        big = torch.finfo(h.dtype).max
+        clamp = torch.where(torch.isinf(h).any(), big - 1000, big)
+        return torch.clamp(h, min=-clamp, max=clamp)
+
+    def _self_attention(self, layer, x, ctx, branch_hook):
+        """x + Dropout(SelfAttn(RMSNorm(x))) of a T5LayerSelfAttention, with ctx's mask and relative bias."""
+        def attn(n):
+            out, ctx["position_bias"], _ = layer.SelfAttention(n, mask=ctx["attn_mask"],
+                                                               position_bias=ctx["position_bias"],
+                                                               past_key_values=ctx.get("cache"))
+            return layer.dropout(out)
+        return self._clamp_fp16(residual_sublayer(x, attn, layer.layer_norm, "pre", branch_hook))
+
+    def _feed_forward(self, layer, a, branch_hook):
+        """a + Dropout(DenseReluDense(RMSNorm(a))) of a T5LayerFF."""
+        return self._clamp_fp16(residual_sublayer(a, lambda n: layer.dropout(layer.DenseReluDense(n)),
+                                                  layer.layer_norm, "pre", branch_hook))
+
+    def attention_sublayer(self, i, x, ctx, branch_hook=None):
+        """Encoder block i's self-attention sub-layer: B×Ts×d → B×Ts×d."""
+        return self._self_attention(self.blocks[i].layer[0], x, ctx, branch_hook)
+
+    def ffn_sublayer(self, i, a, ctx, branch_hook=None):
+        """Encoder block i's feed-forward sub-layer: B×Ts×d → B×Ts×d."""
+        return self._feed_forward(self.blocks[i].layer[-1], a, branch_hook)
+
+    def decoder_attention_sublayer(self, i, x, ctx, branch_hook=None):
+        """Decoder block i's causal self-attention sub-layer (ctx from `decoder_embed`): B×Tt×d → B×Tt×d."""
+        return self._self_attention(self.decoder_blocks[i].layer[0], x, ctx, branch_hook)
+
+    def decoder_cross_sublayer(self, i, x, ctx, branch_hook=None):
+        """Decoder block i's cross-attention to ctx["memory"] (the finished encoder output B×Ts×d, read at call
+        time, so a caller may put a tensor there that requires grad): x + Dropout(CrossAttn(RMSNorm(x), memory))."""
+        layer = self.decoder_blocks[i].layer[1]
+
+        def attn(n):
+            out, ctx["cross_bias"], _ = layer.EncDecAttention(n, mask=ctx["cross_mask"], key_value_states=ctx["memory"],
+                                                              position_bias=ctx["cross_bias"],
+                                                              past_key_values=ctx.get("cache"))
+            return layer.dropout(out)
+        return self._clamp_fp16(residual_sublayer(x, attn, layer.layer_norm, "pre", branch_hook))
+
+    def decoder_ffn_sublayer(self, i, a, ctx, branch_hook=None):
+        """Decoder block i's feed-forward sub-layer: B×Tt×d → B×Tt×d."""
+        return self._feed_forward(self.decoder_blocks[i].layer[-1], a, branch_hook)
 
     # -- side networks (LST; see side_network.py) ---------------------------------------------------------
     # T5 attention has an explicit d_kv, a single dropout rate and no fused path. The first side block of each

@@ -40,6 +40,7 @@ def run(ns) -> int:
     from ..evaluation import evaluate
     from ..models import load_model
     from ..preflight import align_task_labels, check_batch_size, check_task_fits_model
+    from ..seq2seq import model_label_targets
 
     check_batch_size(ns.batch_size)
     saved = read_adapter_config(ns.adapter)
@@ -62,7 +63,8 @@ def run(ns) -> int:
     causal = saved.get("objective") == "causal-lm"
     collate = make_collate(task.kind, loaded.preprocessor, max_length=settings.get("max_length", 128),
                            image_size=settings.get("image_size"), causal_lm=causal,
-                           regression=task.regression and not causal)
+                           regression=task.regression and not causal,
+                           label_targets=model_label_targets(model, loaded.preprocessor))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate(model.to(device), task.test, collate, ns.batch_size, device, progress=not ns.no_progress)
     main = {} if causal else {"main_metric": task.main_metric}

@@ -31,13 +31,17 @@ def make_collate(
     image_size: int | None = None,
     causal_lm: bool = False,
     regression: bool = False,
+    label_targets: list[list[int]] | None = None,
 ):
     """Build the collate function for ``task_kind`` ("text" or "image").
 
     text:  ``preprocessor`` is a tokenizer. Returns input_ids and attention_mask
            (B, L) (plus token_type_ids when the tokenizer makes them) and labels:
            the class ids (B,), with ``regression`` the float32 targets (B,), or with
-           ``causal_lm`` the input_ids with padding set to -100 (B, L). L is
+           ``causal_lm`` the input_ids with padding set to -100 (B, L), or with
+           ``label_targets`` (text-to-text: per class its label-word ids + EOS)
+           the target ids of each example's class (B, Tt; -100 after the end)
+           and the class ids as ``label_ids`` (B,). L is
            ``max_length`` when ``pad_to_max_length`` (fixed shapes for memory
            measurements), else the longest sequence in the batch, never more than
            ``max_length``. Examples with a ``text_pair`` are encoded as the
@@ -52,12 +56,14 @@ def make_collate(
             raise TaskError("text collation needs a tokenizer as preprocessor, got None")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise TaskError(f"max_length must be a positive integer, got {max_length!r}")
-        if causal_lm and regression:
-            raise TaskError("causal_lm=True and regression=True exclude each other")
-        return TextCollator(preprocessor, max_length, bool(pad_to_max_length), bool(causal_lm), bool(regression))
+        if sum((bool(causal_lm), bool(regression), label_targets is not None)) > 1:
+            raise TaskError("causal_lm=True, regression=True and label_targets exclude each other")
+        return TextCollator(preprocessor, max_length, bool(pad_to_max_length), bool(causal_lm), bool(regression),
+                            label_targets)
     if task_kind == "image":
-        if causal_lm or regression:
-            raise TaskError("causal_lm=True / regression=True apply to text tasks only, not image tasks")
+        if causal_lm or regression or label_targets is not None:
+            raise TaskError("causal_lm=True / regression=True / label_targets apply to text tasks only, "
+                            "not image tasks")
         size = image_size if image_size is not None else processor_image_size(preprocessor)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise TaskError(f"image_size must be a positive integer, got {size!r}")
@@ -71,7 +77,7 @@ def make_collate(
 
 class TextCollator:
     def __init__(self, tokenizer, max_length: int, pad_to_max_length: bool, causal_lm: bool,
-                 regression: bool = False):
+                 regression: bool = False, label_targets: list[list[int]] | None = None):
         if getattr(tokenizer, "pad_token", None) is None:
             eos = getattr(tokenizer, "eos_token", None)
             if eos is None:
@@ -87,6 +93,7 @@ class TextCollator:
         self.padding = "max_length" if pad_to_max_length else "longest"
         self.causal_lm = causal_lm
         self.regression = regression
+        self.label_targets = label_targets
 
     def _pairs(self, examples: Sequence[dict]) -> list[str] | None:
         """The second texts of a batch of pairs, None for single texts; a mixed batch is an error."""
@@ -116,9 +123,21 @@ class TextCollator:
             batch["labels"] = labels
         elif self.regression:
             batch["labels"] = torch.tensor([float(ex["label"]) for ex in examples], dtype=torch.float32)
+        elif self.label_targets is not None:
+            classes = [int(ex["label"]) for ex in examples]
+            batch["labels"] = pad_targets([self.label_targets[c] for c in classes])           # B×Tt
+            batch["label_ids"] = torch.tensor(classes, dtype=torch.long)
         else:
             batch["labels"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
         return batch
+
+
+def pad_targets(rows: list[list[int]]) -> torch.Tensor:
+    """Token-id lists → B×Tt long, padded with -100 (positions the loss skips)."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
 
 # --------------------------------------------------------------------------- image

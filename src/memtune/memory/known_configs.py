@@ -32,6 +32,7 @@ SYNONYMS = {
     "sentence-transformers/all-MiniLM-L6-v2": "minilm", "sentence-transformers/all-mpnet-base-v2": "mpnet-base",
     "facebook/dinov2-small": "dinov2-s", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
     "facebook/opt-125m": "opt-125m", "facebook/opt-1.3b": "opt-1.3b", "facebook/opt-6.7b": "opt-6.7b",
+    "facebook/bart-base": "bart-base", "facebook/bart-large": "bart-large",
 }
 
 

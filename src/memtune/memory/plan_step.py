@@ -49,7 +49,7 @@ def wrap_planned(base, config, settings: PlanSettings, method: str, options: dic
     training mode."""
     import memtune
 
-    num_labels = None if objective_of(config, settings) == "causal-lm" else settings.num_labels
+    num_labels = None if objective_of(config, settings) in ("causal-lm", "seq2seq") else settings.num_labels
     model = memtune.wrap(base, config_for(method, options), num_labels=num_labels)
     if settings.precision == "bf16":
         model.to(torch.bfloat16)
@@ -79,13 +79,16 @@ def build_planned_model(config, settings: PlanSettings, method: str, options: di
 
 def make_batch(model, settings: PlanSettings, batch_size: int) -> dict[str, torch.Tensor]:
     """The planned inputs on meta (the backbone family's `planning_batch`: padded to exactly the planned
-    length, every token real) plus labels: the input ids for causal LM, class 0 otherwise."""
+    length, every token real) plus labels: the input ids for causal LM, target ids B×target_length for
+    seq2seq (the decoder reads them shifted right), class 0 otherwise."""
     bb = model.backbone
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     batch = bb.planning_batch(bb.config, batch_size, settings.max_length, image_size=settings.image_size,
                               target_length=settings.target_length, dtype=dtype, device="meta")
     if model.objective == "causal-lm":
         batch["labels"] = batch["input_ids"].clone()
+    elif model.objective == "seq2seq":
+        batch["labels"] = torch.zeros(batch_size, settings.target_length, dtype=torch.long, device="meta")
     else:
         batch["labels"] = torch.zeros(batch_size, dtype=torch.long, device="meta")
     return batch

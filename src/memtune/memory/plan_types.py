@@ -15,6 +15,7 @@ from ..version import __version__ as memtune_version
 GIB = 2 ** 30
 PRECISIONS = ("fp32", "bf16", "fp16-amp", "bf16-amp")
 OPTIMIZERS = ("adamw", "sgd")
+OBJECTIVES = ("auto", "classification", "causal-lm", "seq2seq")
 ATTENTION = ("eager", "sdpa")
 DEVICES = ("cuda", "cpu")
 
@@ -39,9 +40,10 @@ class PlanSettings:
     budget_bytes: int | None = field(default=None, metadata={"help": "GPU memory to fit, in bytes"})
     num_labels: int | None = field(default=2, metadata={"help": "classification classes"})
     objective: str = field(default="auto", metadata={
-        "choices": ("auto", "classification", "causal-lm"), "help": "auto: causal LM for decoders, classification "
-                                                                    "otherwise"})
-    target_length: int = field(default=1, metadata={"help": "T5: decoder positions per example"})
+        "choices": OBJECTIVES, "help": "auto: causal LM for decoders, classification otherwise; seq2seq: "
+                                       "encoder-decoders' text-to-text loss through the tied LM head"})
+    target_length: int = field(default=1, metadata={
+        "help": "encoder-decoders: decoder positions per example (seq2seq: the target tokens)"})
     device: str = field(default="cuda", metadata={
         "choices": DEVICES, "help": "what to model: a GPU (default) or this CPU (optimizer and autocast defaults "
                                     "differ)"})
@@ -63,8 +65,7 @@ class PlanSettings:
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         need(self.attn in ATTENTION, f"attention must be one of {', '.join(ATTENTION)}, got {self.attn!r}")
         need(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        need(self.objective in ("auto", "classification", "causal-lm"),
-             f"objective must be auto, classification or causal-lm, got {self.objective!r}")
+        need(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         need(self.budget_bytes is None or self.budget_bytes > 0, f"budget must be > 0, got {self.budget_bytes}")
         need(self.target_length >= 1, f"target length must be >= 1, got {self.target_length}")
         need(self.layers is None or self.layers >= 1, f"layers must be >= 1, got {self.layers}")

@@ -27,7 +27,7 @@ class RealStep:
 
 def real_batch(meta_batch: dict[str, torch.Tensor], device="cpu") -> dict[str, torch.Tensor]:
     """The plan's batch (`plan_step.make_batch`) with values on `device`: token ids 5, every token real,
-    labels 0 (for causal LMs: the ids), seeded normal pixels."""
+    labels 0 (token targets, causal LM or seq2seq: ids 5 as the inputs), seeded normal pixels."""
     out = {}
     for k, v in meta_batch.items():
         if v.dtype == torch.long:
@@ -36,8 +36,8 @@ def real_batch(meta_batch: dict[str, torch.Tensor], device="cpu") -> dict[str, t
         else:
             pixels = torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
             out[k] = pixels.to(device=device, dtype=v.dtype)
-    if out["labels"].dim() == 2:
-        out["labels"] = out["input_ids"].clone()
+    if out["labels"].dim() == 2:        # token targets, as the ids: the inputs (causal LM), B×Tt (seq2seq)
+        out["labels"] = torch.full_like(out["labels"], 5)
     return out
 
 

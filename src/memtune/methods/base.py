@@ -6,6 +6,7 @@ subclass that declares which parameters train and computes features from the bac
     is_trainable(name) -> bool      (default: every parameter outside `backbone.`)
     features(batch) -> B×F          (classification: the head maps F → num_labels)
                     -> B×T×d        (causal LM: finished token states; the frozen LM head maps d → V)
+                    -> B×Tt×d       (seq2seq: the decoder's finished states; the tied LM head maps d → V)
 
 The method's package binds the two (`XConfig.model_class = XModel` in its `__init__.py`, so that `config.py`
 holds data only) and lists its configs in `CONFIGS` for `registry.py`.
@@ -20,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput, SequenceClassifierOutput
 
 from ..backbones import Backbone, families_with
 
@@ -110,6 +111,20 @@ class MethodConfig:
                               f"supported families: {', '.join(self.supported_families())}")
 
 
+def objective_for(backbone: Backbone, num_labels: int | None) -> str:
+    """The training objective a head of `num_labels` outputs means: "classification", "regression" (one output,
+    transformers' convention: MSE, float labels), or without a head the backbone's own LM head: "causal-lm" for
+    decoders, "seq2seq" (text-to-text) for encoder-decoders."""
+    if num_labels is not None:
+        return "regression" if num_labels == 1 else "classification"
+    if backbone.is_causal_lm:
+        return "causal-lm"
+    if backbone.is_encoder_decoder:
+        return "seq2seq"
+    raise ConfigError(f"the {backbone.family} family needs num_labels (classification or regression); decoders "
+                      "have a causal-LM objective and encoder-decoders a text-to-text (seq2seq) one")
+
+
 class _AppliesTrainable(type):
     """Metaclass of MemtuneModel: once a model is constructed (every subclass's __init__ has run, so every
     parameter exists), requires_grad of each parameter is set from the model's `is_trainable`."""
@@ -129,13 +144,17 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
         self.backbone = backbone
         self.method_config = config
         self.base_name: str = ""
-        # One output is a regression head (transformers' convention for num_labels=1): MSE loss, float labels.
-        self.objective = "causal-lm" if num_labels is None else "regression" if num_labels == 1 else "classification"
-        if self.objective == "causal-lm" and not backbone.is_causal_lm:
-            raise ConfigError(f"the {backbone.family} family needs num_labels (classification); "
-                              "only decoder models have a causal-LM objective")
+        self.objective = objective_for(backbone, num_labels)
         self.num_labels = num_labels
+        # seq2seq: the text each class is generated as, in class order (`wrap(..., label_words=)`).
+        self.label_words: list[str] | None = None
         self.head = nn.Linear(self.feature_size, num_labels) if num_labels else None
+
+    @property
+    def per_token(self) -> bool:
+        """True when `features` returns token states for the LM head (causal LM, seq2seq) rather than pooled
+        features for a classification or regression head."""
+        return self.objective in ("causal-lm", "seq2seq")
 
     # -- what the method decides -------------------------------------------------------------------
     @property
@@ -191,9 +210,11 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
                      pixel_values=pixel_values, decoder_input_ids=decoder_input_ids, labels=labels,
                      example_id=example_id)
         batch = {**{k: v for k, v in named.items() if v is not None}, **extra}
+        if self.objective == "seq2seq":
+            return self._seq2seq_forward(batch)
         feats = self.features(batch)
         if self.objective == "causal-lm":
-            logits = self.backbone.lm_logits(feats)                       # B×T×V
+            logits = self.lm_logits(feats)                                # B×T×V
             loss = None
             if labels is not None:
                 # Next-token prediction: position t predicts token t+1; -100 marks padding.
@@ -203,6 +224,28 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
         logits = self.head(feats)                                          # B×C (regression: B×1)
         return SequenceClassifierOutput(loss=self.head_loss(logits, labels) if labels is not None else None,
                                         logits=logits)
+
+    def _seq2seq_forward(self, batch) -> Seq2SeqLMOutput:
+        """Teacher forcing: the decoder reads the targets shifted right (unless the batch gives its own
+        decoder_input_ids); the loss is the token cross-entropy over real target positions (-100 skipped)."""
+        labels = batch.get("labels")
+        if "decoder_input_ids" not in batch and labels is not None:
+            batch["decoder_input_ids"] = self.backbone.shift_right(labels)
+        logits = self.lm_logits(self.features(batch))                     # B×Tt×V
+        loss = None if labels is None else self.lm_loss(logits, labels)
+        return Seq2SeqLMOutput(loss=loss, logits=logits)
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Token states …×d → …×V through the frozen LM head: the decoder's own (causal LM) or the tied input
+        embedding of an encoder-decoder (seq2seq)."""
+        if self.backbone.is_encoder_decoder:
+            return self.backbone.tied_lm_logits(h)
+        return self.backbone.lm_logits(h)
+
+    @staticmethod
+    def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Seq2seq token cross-entropy in fp32: logits B×Tt×V against targets B×Tt (-100 skipped)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def head_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the head's outputs, in fp32 whatever the autocast dtype: cross-entropy over the classes

@@ -8,12 +8,12 @@ from ..base import ConfigError, MemtuneModel
 
 
 class BackboneFeatures(MemtuneModel):
-    """features = pool(Backbone.forward(batch)): B×feature_size, or B×T×d finished token states (causal LM),
-    through whatever the method injected into or hooked onto the backbone's modules."""
+    """features = pool(Backbone.forward(batch)): B×feature_size, or B×T×d finished token states (causal LM,
+    seq2seq), through whatever the method injected into or hooked onto the backbone's modules."""
 
     def features(self, batch):
         h, ctx = self.backbone(batch)
-        return h if self.objective == "causal-lm" else self.backbone.pool(h, ctx)
+        return h if self.per_token else self.backbone.pool(h, ctx)
 
 
 class FullModel(BackboneFeatures):
@@ -29,8 +29,8 @@ class LinearProbeModel(BackboneFeatures):
 
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
-        if self.objective == "causal-lm":
-            raise ConfigError("linear: a linear probe has nothing to train on a causal-LM objective "
+        if self.per_token:
+            raise ConfigError(f"linear: a linear probe has nothing to train on a {self.objective} objective "
                               "(the LM head is frozen); use it with num_labels (classification)")
 
     def features(self, batch):

@@ -12,9 +12,9 @@ Forms (docs/methods/lst.md §3, §4):
   the last real token of the up-projected states.
 - t5: side encoder over the encoder blocks and side decoder over the decoder blocks; the side decoder
   cross-attends to s_enc (width d') only. Classification reads the up-projected side decoder output at
-  the start position (the backbone's own pooling), through a new linear head. `lm_logits` gives the
-  text-to-text logits LMHead(o·d^-1/2) through the tied embedding; `generate` decodes greedily or with
-  beam search, with KV caches for the backbone decoder and the side decoder.
+  the start position (the backbone's own pooling), through a new linear head. Text-to-text (seq2seq): the
+  up-projected side decoder states go through the tied LM head, LMHead(o·d^-1/2) (`lm_logits`); `generate`
+  decodes greedily or with beam search, with KV caches for the backbone decoder and the side decoder.
 
 W0 reads, with the side's own dropout draw: for T5 the raw embedding e (the backbone's embedding
 dropout is separate, as in §3); for the other families the embedding output as the backbone's `embed`
@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...backbones import UnsupportedModel
 from ..base import MemtuneModel, check
 from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
 from .fisher import fisher_importance
@@ -151,9 +150,15 @@ class LSTModel(MemtuneModel):
         return used
 
     def pretrained_loss(self, batch) -> torch.Tensor:
-        """The full pretrained model's loss on `batch` (used for the Fisher importance)."""
-        h, ctx = self.backbone(batch)
+        """The full pretrained model's loss on `batch` (used for the Fisher importance): the LM loss through
+        the frozen LM head for causal LMs and seq2seq (decoder fed the shifted targets), else the new head's."""
         labels = batch.get("labels")
+        if self.objective == "seq2seq":
+            if labels is None:
+                raise ValueError("lst: Fisher initialisation needs batches with target `labels`")
+            h, _ = self.backbone({**batch, "decoder_input_ids": self.backbone.shift_right(labels)})
+            return self.lm_loss(self.lm_logits(h), labels)
+        h, ctx = self.backbone(batch)
         if self.objective == "causal-lm":
             if labels is None:
                 labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
@@ -265,18 +270,11 @@ class LSTModel(MemtuneModel):
             self.data_init_pending = False
         taps, ctx = self.backbone_taps(batch)
         out = self.side_forward(taps, ctx, consume=True)                     # B×T×d
-        if self.objective == "causal-lm":
+        if self.per_token:
             return out
         return self.backbone.pool(out, ctx)
 
     # -- text-to-text (encoder-decoders) ----------------------------------------------------------------------------
-    def lm_logits(self, o: torch.Tensor) -> torch.Tensor:
-        """logits = LMHead_frozen(o·d^-1/2) through the tied input embedding (docs/methods/lst.md §4). B×Tt×V."""
-        if not self.backbone.is_encoder_decoder:
-            raise UnsupportedModel("lst: lm_logits(o) is the text-to-text head of encoder-decoders (T5); decoders "
-                                   "use the backbone's lm_logits, encoders have none")
-        return self.backbone.tied_lm_logits(o)
-
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
                  stop_at_eos: bool = True):
         """Text-to-text decoding with the LST output (greedy, or beam search with num_beams > 1).

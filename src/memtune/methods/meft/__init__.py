@@ -15,7 +15,9 @@ Distributed data parallel (also through Accelerate) needs no `find_unused_parame
 inputs of the reversible autograd Function, so DDP sees them used in every forward (True works as well).
 Ranks may choose different segments from their own first batches; that changes only the rounding.
 Supported: BERT-like encoders (BERT, RoBERTa, MiniLM, MPNet), ViT/DINOv2, Llama-like decoders (causal LM
-through the frozen LM head, or classification); not T5, cross-attention, head masks or a KV cache.
+through the frozen LM head, or classification), and T5 encoder-decoders (two reversible stacks: the
+decoder's F/G include its cross-attention to the memory, whose gradient flows back into the encoder's
+span); not head masks or a KV cache.
 """
 from __future__ import annotations
 
@@ -26,19 +28,21 @@ from .model import MEFTModel
 MEFTConfig.model_class = MEFTModel              # MEFT1Config, MEFT2Config and MEFT3Config inherit it
 
 
-def reconstruction_error(model, batch, segment_layers: int | None = None) -> ReconstructionReport:
+def reconstruction_error(model, batch, segment_layers: int | None = None, decoder: bool = False
+                         ) -> ReconstructionReport:
     """Relative error of the reversible span's recomputed inputs against the forward, per layer, on `batch`,
     and of its adapter gradients against ordinary autograd (first rows of the batch).
 
     Measured with uniform segments of `segment_layers` if given, else with the model's segmentation; a
     model whose segmentation is automatic and not chosen yet is calibrated on this batch first (and keeps
     the choice). Runs in the model's mode (train: dropout replayed) and under the caller's autocast; the
-    global random generators are left as they were.
+    global random generators are left as they were. decoder=True: an encoder-decoder's decoder stack.
     """
     model = getattr(model, "module", model)                     # unwrap DDP
-    if segment_layers is None and model.segments is None:
-        return model.calibrate(batch)
-    return model.measure(batch, segment_layers)
+    if segment_layers is None and model.stack(decoder).segments is None:
+        report = model.calibrate(batch)
+        return model.decoder_report if decoder else report
+    return model.measure(batch, segment_layers, decoder)
 
 
 CONFIGS = [MEFTConfig, MEFT1Config, MEFT2Config, MEFT3Config]

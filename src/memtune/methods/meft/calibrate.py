@@ -19,6 +19,10 @@ the batch (a fixed random cotangent on the span's output, the same dropout masks
 is tightened while they exceed the tolerance (docs/methods/meft.md §9: measure the inversion error *and* the gradient
 agreement on the actual checkpoint and dtype before training). Everything runs inside a forked random
 generator, so calibrating does not change the training run's dropout masks.
+
+The functions below that take `model` read only its `reversible_indices` and `two_stream(ctx, dtype)`: a
+MEFT model (its single or encoder stack) or a `StackView` of an encoder-decoder's decoder, which is
+calibrated on its own streams.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from ..base import MethodConfig, check
+from ..base import ConfigError, MethodConfig, check
 
 # Paper/code factor pairs per variant: (λ, β, swap). The small factor keeps the PLM's starting point.
 VARIANTS: dict[int, tuple[float, float, bool]] = {1: (0.1, 1.0, True), 2: (1.0, 0.1, True), 3: (0.1, 0.1, False)}
@@ -34,9 +34,13 @@ class MEFTConfig(MethodConfig):
     reversible_layers  how many adapted layers, from the bottom, run reversibly (None: all); the layers above
                        use the same coupling with ordinary autograd (the paper's "setting 1"). 0 is the
                        paper's "vanilla gradient" control: the same network, ordinary autograd.
+                       Encoder-decoders: per stack, the lowest this many of the encoder's adapted layers and
+                       of the decoder's layers (at most each stack's count).
     frozen_layers      the paper's "setting 3": this many lowest layers run as the plain PLM without a graph
                        and without adapters; the streams start above them. Which setting the paper used per
-                       model is not known; both are plain options here.
+                       model is not known; both are plain options here. Encoder-decoders: the encoder's
+                       lowest layers only. Every decoder layer is adapted and on the graph: it reads the
+                       memory, which carries the encoder adapters' gradient, so none can run graph-free.
     tolerance          error budget of the reversible span (beyond the paper), relative: every layer's
                        recomputed inputs (‖x_rec − x‖/‖x‖ per stream) and every adapter tensor's gradient
                        (against ordinary autograd) on the calibration batch. 1e-3 is far below the noise
@@ -48,6 +52,8 @@ class MEFTConfig(MethodConfig):
     segment_layers     reversible layers per segment; segments are separated by stored B×T×2d states, so the
                        inversion error cannot compound beyond a segment. None (default): chosen on the first
                        training batch from the measured error (`calibrate.py`), variable length per segment.
+                       Encoder-decoders: per stack (the decoder's segments are chosen and measured on its own
+                       streams, with the memory of the encoder's current adapters).
     float64_streams    keep the two streams and the coupling arithmetic in float64 while F and G run in the
                        model's dtype: the inversion loses ~1e-16 instead of ~1e-7 per layer until a rounding
                        of the model's dtype flips, so segments get longer (SmolLM2 MEFT1: 5 instead of 13)
@@ -72,6 +78,7 @@ class MEFTConfig(MethodConfig):
     """
 
     name = "meft"
+    # Encoder-decoders need "decoder_sublayers" as well (`check_family`): the decoder is a second stack.
     requires = ("sublayers",)
     fixed_variant: ClassVar[Optional[int]] = None
 
@@ -122,6 +129,22 @@ class MEFTConfig(MethodConfig):
         check(self.readout in READOUTS, f"{n}.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
         check(self.coupling in COUPLINGS,
               f"{n}.coupling must be one of {', '.join(COUPLINGS)}, got {self.coupling!r}")
+
+    @classmethod
+    def supported_families(cls) -> list[str]:
+        """Families with the sub-layers, encoder-decoders only where they also give the decoder's."""
+        from ...backbones import FAMILIES
+
+        need = set(cls.requires)
+        return list(dict.fromkeys(c.family for c in FAMILIES.values() if need <= c.capabilities and (
+            not c.is_encoder_decoder or "decoder_sublayers" in c.capabilities)))
+
+    def check_family(self, backbone) -> None:
+        super().check_family(backbone)
+        if backbone.is_encoder_decoder and "decoder_sublayers" not in backbone.capabilities:
+            raise ConfigError(f"method {self.name!r} on an encoder-decoder couples the decoder too and needs its "
+                              f"sub-layers (capability 'decoder_sublayers'), which the {backbone.family} family does "
+                              f"not declare; supported families: {', '.join(self.supported_families())}")
 
     @property
     def factors(self) -> tuple[float, float]:

@@ -5,20 +5,27 @@ Streams x¹, x² (each B×T×d) enter layer n and leave as
     y¹ = λ·x¹ + F_n(x²)          inverse:  x² = (y² − G_n(y¹)) / β
     y² = β·x² + G_n(y¹)                     x¹ = (y¹ − F_n(x²)) / λ
 
-stored as (y², y¹) when the variant swaps (MEFT1/2), else (y¹, y²). F and G are built from the
-backbone's sub-layers (`attention_sublayer`, `ffn_sublayer`, residual and norms included) and adapters.
+stored as (y², y¹) when the variant swaps (MEFT1/2), else (y¹, y²). F and G are built from one stack's
+sub-layer calls (`StackCalls`, residual and norms included) and adapters: the (encoder or single) stack's
+`attention_sublayer` / `ffn_sublayer`, or an encoder-decoder's decoder, whose "attention" part is its causal
+self-attention followed by the cross-attention to the memory (the finished encoder output, read from ctx).
+Where F or G reads the memory, the memory carries a gradient back to the encoder's adapters: it is an input
+of the reversible Function (`grad_inputs`), and the backward's vector-Jacobian products include it.
 
 Adapter placement (docs/methods/meft.md §4, stated for post-LN BERT; the pre-norm placement is this library's choice):
 * FFN adapter (all variants), in parallel to the FFN branch: its input is the branch's input (BERT: the
   sub-layer input a, so out = LN₂(Dropout(FFN(a)) + A(a) + a); ViT/Llama: the normalised LN₂(a)), its
   output joins the branch before the residual (DINOv2: before the layer scale, so it is scaled like the
   branch beside it; measured on DINOv2-S this halves MEFT2's feature deviation at init).
-* attention adapter (MEFT3), in series on the attention branch: u ← u + A(u) before the residual.
+* attention adapter (MEFT3), in series on the attention branch: u ← u + A(u) before the residual (decoder:
+  on the cross-attention branch, the last attention branch of F, so F ends as the encoder's F does).
 * reversible adapter (MEFT1: G; MEFT2: F) on the raw stream, optionally after a LayerNorm.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -89,17 +96,45 @@ def _replay(rng: RngState | None):
     return rng.replay() if rng is not None else nullcontext()
 
 
+@dataclass(frozen=True)
+class StackCalls:
+    """The sub-layer calls of one stack, each (n, x, ctx, branch_hook=None) → B×T×d, residual included.
+
+    attention  the attention part (decoder: self-attention, then cross-attention to ctx["memory"]; a
+               branch hook edits the last branch)
+    ffn        the feed-forward sub-layer
+    grad_key   the ctx entry F and G read that may carry a gradient (the decoder's memory), or None
+    """
+    attention: Callable
+    ffn: Callable
+    grad_key: str | None = None
+
+    @classmethod
+    def of(cls, backbone, decoder: bool = False) -> "StackCalls":
+        if not decoder:
+            return cls(backbone.attention_sublayer, backbone.ffn_sublayer)
+
+        def attention(n, x, ctx, branch_hook=None):
+            a = backbone.decoder_attention_sublayer(n, x, ctx)
+            return backbone.decoder_cross_sublayer(n, a, ctx, branch_hook)
+
+        return cls(attention, backbone.decoder_ffn_sublayer, "memory")
+
+
 class TwoStream:
-    """The coupling of every adapted layer for one batch (built per forward: it holds the batch's ctx).
+    """The coupling of every adapted layer of one stack for one batch (built per forward: it holds the
+    batch's ctx). `decoder` selects an encoder-decoder's decoder stack and its adapters.
 
     `stream_dtype` is the dtype of x¹, x² and of the coupling arithmetic; F and G run in `compute_dtype`
     (the backbone's hidden-state dtype), their inputs cast down and outputs cast up.
     """
 
-    def __init__(self, model, ctx, compute_dtype: torch.dtype, stream_dtype: torch.dtype):
+    def __init__(self, model, ctx, compute_dtype: torch.dtype, stream_dtype: torch.dtype, decoder: bool = False):
         self.backbone = model.backbone
-        self.adapters = model.adapters
-        self.first = model.first_adapted                # backbone index of adapters[0]
+        self.decoder = decoder
+        self.calls = StackCalls.of(model.backbone, decoder)
+        self.adapters = model.decoder_adapters if decoder else model.adapters
+        self.first = 0 if decoder else model.first_adapted      # backbone index of adapters[0]
         self.variant = model.method_config.variant
         self.lam, self.beta = model.method_config.factors
         self.swap = model.method_config.swap
@@ -116,9 +151,8 @@ class TwoStream:
     # -- F and G -------------------------------------------------------------------------------
     def _plm_layer(self, n, x, ad):
         """The whole PLM layer with the FFN adapter in parallel to its FFN branch."""
-        bb = self.backbone
-        a = bb.attention_sublayer(n, x, self.ctx)
-        return bb.ffn_sublayer(n, a, self.ctx, branch_hook=lambda inp, u: u + ad.ffn(inp))
+        a = self.calls.attention(n, x, self.ctx)
+        return self.calls.ffn(n, a, self.ctx, branch_hook=lambda inp, u: u + ad.ffn(inp))
 
     def _F(self, n, x):
         ad = self.adapters[n - self.first]
@@ -127,7 +161,7 @@ class TwoStream:
         if self.variant == 2:
             return ad.rev(x)
         # MEFT3: u = Dropout(W_o·ctx); u ← u + A_attn(u); then residual and norm (docs/methods/meft.md §4).
-        return self.backbone.attention_sublayer(n, x, self.ctx, branch_hook=lambda inp, u: u + ad.attn(u))
+        return self.calls.attention(n, x, self.ctx, branch_hook=lambda inp, u: u + ad.attn(u))
 
     def _G(self, n, y):
         ad = self.adapters[n - self.first]
@@ -135,7 +169,28 @@ class TwoStream:
             return ad.rev(y)
         if self.variant == 2:
             return self._plm_layer(n, y, ad)
-        return self.backbone.ffn_sublayer(n, y, self.ctx, branch_hook=lambda inp, u: u + ad.ffn(inp))
+        return self.calls.ffn(n, y, self.ctx, branch_hook=lambda inp, u: u + ad.ffn(inp))
+
+    # -- the memory (decoder): a ctx tensor F/G read that carries a gradient ---------------------------
+    def grad_inputs(self) -> list[torch.Tensor]:
+        """The ctx tensors F and G read that require grad (the decoder's memory B×Ts×d; else none): inputs
+        of the reversible Function, whose gradients its backward returns."""
+        t = self.ctx.get(self.calls.grad_key) if self.calls.grad_key else None
+        return [t] if torch.is_tensor(t) and t.requires_grad else []
+
+    @contextmanager
+    def reading(self, tensors: list[torch.Tensor]):
+        """F and G read `tensors` (leaves standing in for `grad_inputs()`) while the context is active."""
+        if not tensors:
+            yield
+            return
+        key = self.calls.grad_key
+        kept = self.ctx[key]
+        self.ctx[key] = tensors[0]
+        try:
+            yield
+        finally:
+            self.ctx[key] = kept
 
     def F(self, n, x2):                                   # B×T×d (stream dtype) → B×T×d (stream dtype)
         out = self._F(n, x2.to(self.compute_dtype)).to(self.stream_dtype)
@@ -180,35 +235,48 @@ class TwoStream:
             x1 = (y1 - self.F(n, x2)) / self.lam
         return x1, x2
 
-    def backward_layer(self, n, o1, o2, go1, go2, rng):
+    def backward_layer(self, n, o1, o2, go1, go2, rng, extras: list[torch.Tensor] = ()):
         """Inverse and vector-Jacobian product of layer n (docs/methods/meft.md §6, steps 1–5).
 
-        o1, o2: its stored output pair; go1, go2: ∂L/∂(o1, o2). Returns the input pair, ∂L/∂(input pair)
-        and the gradients of (params_F + params_G). Only one sub-network's graph is alive at a time.
+        o1, o2: its stored output pair; go1, go2: ∂L/∂(o1, o2); extras: leaves F and G read in place of
+        `grad_inputs()` (under `reading`), e.g. the decoder's memory. Returns the input pair, ∂L/∂(input
+        pair), the gradients of (params_F + params_G) and those of the extras (J_Gᵀg² + J_Fᵀḡ¹ with respect
+        to them). Only one sub-network's graph is alive at a time.
         """
         y1, y2 = self._unswap(o1, o2)
         g1, g2 = self._unswap(go1, go2)
         rf, rg = rng
         pf, pg = self.params_F(n), self.params_G(n)
-        # 1. u = G(y¹) with grad: a¹ = J_Gᵀ g², and G's parameter gradients.
+        extras = list(extras)
+        # 1. u = G(y¹) with grad: a¹ = J_Gᵀ g², and G's parameter (and memory) gradients.
         with torch.enable_grad(), _replay(rg):
             y1 = y1.detach().requires_grad_(True)
             u = self.G(n, y1)
-            a1, *grad_g = torch.autograd.grad(u, [y1, *pg], g2, allow_unused=True)
-        # 2. x² = (y² − u)/β; ḡ¹ = g¹ + a¹.
+            a1, *rest = torch.autograd.grad(u, [y1, *pg, *extras], g2, allow_unused=True)
+            grad_g, extra_g = rest[:len(pg)], rest[len(pg):]
+        # 2. x² = (y² − u)/β; ḡ¹ = g¹ + a¹ (a¹ is None where G ignores y¹: never for a real layer).
         with torch.no_grad():
             x2 = (y2 - u.detach()) / self.beta
-            gbar1 = g1 + a1
+            gbar1 = g1 if a1 is None else g1 + a1
         del u
-        # 3. v = F(x²) with grad: a² = J_Fᵀ ḡ¹, and F's parameter gradients.
+        # 3. v = F(x²) with grad: a² = J_Fᵀ ḡ¹, and F's parameter (and memory) gradients.
         with torch.enable_grad(), _replay(rf):
             x2 = x2.requires_grad_(True)
             v = self.F(n, x2)
-            a2, *grad_f = torch.autograd.grad(v, [x2, *pf], gbar1, allow_unused=True)
+            a2, *rest = torch.autograd.grad(v, [x2, *pf, *extras], gbar1, allow_unused=True)
+            grad_f, extra_f = rest[:len(pf)], rest[len(pf):]
         # 4.–5. x¹ = (y¹ − v)/λ; ∂L/∂x¹ = λ·ḡ¹, ∂L/∂x² = β·g² + a².
         with torch.no_grad():
             x1 = (y1.detach() - v.detach()) / self.lam
             gx1 = self.lam * gbar1
-            gx2 = self.beta * g2 + a2
+            gx2 = self.beta * g2 if a2 is None else self.beta * g2 + a2
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(pf + pg, grad_f + grad_g)]
-        return (x1, x2.detach()), (gx1, gx2), grads
+        extra_grads = [_sum_or_zeros(t, a, b) for t, a, b in zip(extras, extra_g, extra_f)]
+        return (x1, x2.detach()), (gx1, gx2), grads, extra_grads
+
+
+def _sum_or_zeros(t: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """a + b where either may be None (an input G or F does not read); zeros shaped like t if both are."""
+    if a is None and b is None:
+        return torch.zeros_like(t)
+    return b if a is None else a if b is None else a + b

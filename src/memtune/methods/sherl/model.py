@@ -121,7 +121,7 @@ class SHERLModel(MemtuneModel):
         for i in range(self.num_early, bb.num_layers):
             x = bb.run_block(i, x, ctx)                        # frozen weights, gradient flows through
         h = bb.finish(x, ctx)
-        return h if self.objective == "causal-lm" else bb.pool(h, ctx)
+        return h if self.per_token else bb.pool(h, ctx)
 
     def _encoder_decoder_features(self, batch):
         bb = self.backbone
@@ -136,4 +136,5 @@ class SHERLModel(MemtuneModel):
         x = self.mtsa([y] + dec_feats)                         # B×Tt×D
         for i in range(self.num_early, len(bb.decoder_blocks)):
             x = bb.run_decoder_block(i, x, dctx)
-        return bb.pool(bb.finish_decoder(x, norm=self.side_norm), ctx)      # B×D
+        h = bb.finish_decoder(x, norm=self.side_norm)                     # B×Tt×D
+        return h if self.per_token else bb.pool(h, ctx)

@@ -6,13 +6,16 @@
 Every method trains `--epochs` epochs over the same pre-collated batches (each with `example_id`), in a
 seeded new batch order every epoch. Side methods run with `cache_trunk=true` (LST and SHERL also with
 `trunk_dropout=false`, which the cache needs on a backbone with dropout), so epoch 1 fills the cache and
-epochs 2+ replay it. Printed: seconds per epoch, and epochs 2+ as a fraction of full fine-tuning's mean epoch.
+epochs 2+ replay it. Printed (and written to --json, default benchmarks/side_trunk_cache.json): seconds per
+epoch, and epochs 2+ as a fraction of full fine-tuning's mean epoch.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,6 +54,7 @@ def main():
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "side_trunk_cache.json"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,10 +65,19 @@ def main():
     print(f"{args.model}: {args.examples} examples, batch {args.batch_size} × ≤{args.max_length}, "
           f"{torch.get_num_threads()} threads")
     print(f"  full   epochs {', '.join(f'{t:.2f}s' for t in full)}")
+    rows = [{"method": "full", "epoch_s": full}]
     for method, (times, cache) in side.items():
         later = statistics.mean(times[1:])
         print(f"  {method:6s} epochs {', '.join(f'{t:.2f}s' for t in times)}   epochs 2+ = {later / base:.3f} × full's "
               f"epoch; cache {cache / 2**20:.1f} MiB")
+        rows.append({"method": method, "options": CACHED[method], "epoch_s": times, "later_over_full": later / base,
+                     "cache_bytes": cache})
+    Path(args.json).write_text(json.dumps({
+        "command": "python benchmarks/side_trunk_cache.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json" and v is not None),
+        "model": args.model, "examples": args.examples, "batch_size": args.batch_size, "max_length": args.max_length,
+        "epochs": args.epochs, "threads": torch.get_num_threads(), "rows": rows,
+        "versions": {"torch": torch.__version__}}, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import memtune
+
 from memtune.data import TaskError, load_task, make_collate
 from memtune.metrics import (classification_metrics, confusion_matrix, main_score, matthews_corrcoef, pearson,
                              regression_metrics, spearman)
@@ -171,6 +173,25 @@ def test_csv_regression_trains_and_eval_reproduces(tmp_path, capsys):
     assert main(["eval", "--model", "tiny-bert", "--adapter", str(run), "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["pearson"] == m["pearson"] and out["mse"] == m["mse"]
+
+    # predict: the regression value of a pair, given as --text/--text-pair or as two columns of a file.
+    assert main(["predict", "--model", "tiny-bert", "--adapter", str(run), "--text", "a cat 3",
+                 "--text-pair", "the dog 3", "--json"]) == 0
+    given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["predict", "--model", "tiny-bert", "--adapter", str(run), "--file", str(p),
+                 "--text-column", "first,second", "--json"]) == 0
+    from_file = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(from_file) == 40 and from_file[3]["input"] == ["a cat 3", "the dog 3"]
+    assert from_file[3]["value"] == pytest.approx(given["value"], abs=1e-6)
+    model = memtune.load("tiny-bert", run).eval()
+    batch = make_collate("text", _tokenizer(), max_length=32)([{"text": "a cat 3", "text_pair": "the dog 3",
+                                                                 "label": 0}])
+    batch.pop("labels")
+    with torch.no_grad():
+        assert given["value"] == pytest.approx(model(**batch).logits.item(), abs=1e-6)
+    assert main(["predict", "--model", "tiny-bert", "--adapter", str(run), "--text", "a", "--text", "b",
+                 "--text-pair", "c"]) == 2
+    assert "1 second texts for 2 --text" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- selection and the table

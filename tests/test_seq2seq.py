@@ -151,10 +151,13 @@ def test_generation_that_names_no_class_is_wrong_and_no_false_positive():
     assert m["macro_f1"] == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("method", ["lst", "lora", "sherl"])
-def test_side_and_peft_methods_train_only_their_parameters_on_the_lm_loss(method):
+@pytest.mark.parametrize("name,method", [("tiny-t5", m) for m in ("lst", "lora", "ia3", "adapter", "sherl", "meft1",
+                                                                   "full")] + [("tiny-bart", "bitfit"),
+                                                                              ("tiny-bart", "lst")])
+def test_methods_train_only_their_parameters_on_the_lm_loss(name, method):
     torch.manual_seed(0)
-    model = memtune.wrap(memtune.load_model("tiny-t5"), method).train()
+    model = memtune.wrap(memtune.load_model(name), method).train()
+    assert model.objective == "seq2seq"
     x = inputs()
     labels = torch.tensor([[7, 8, EOS], [9, EOS, -100], [10, 11, EOS]])
     out = model(**x, labels=labels)

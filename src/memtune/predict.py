@@ -1,8 +1,10 @@
 """`memtune predict`: class names and probabilities of a trained adapter on new inputs (a text-to-text adapter:
-the probabilities of its label words, from their likelihoods).
+the probabilities of its label words, from their likelihoods; a regression adapter: its predicted value).
 
     memtune predict --model minilm --adapter runs/x --text "a fine film" --text "dull"
     memtune predict --model minilm --adapter runs/x --file reviews.csv --json      # JSON lines
+    memtune predict --model minilm --adapter runs/pairs --text "a cat sat" --text-pair "a cat was sitting"
+    memtune predict --model minilm --adapter runs/pairs --file pairs.csv --text-column sentence1,sentence2
     memtune predict --model tiny-vit --adapter runs/img --image cat.png
 
 The tokenizer or image processor is the base model's own; max_length and image_size are the ones the
@@ -18,26 +20,44 @@ from pathlib import Path
 BATCH = 32
 
 
-def read_inputs(path: Path, text_column: str) -> list[str]:
-    """The inputs of --file: the text column of a .csv / .jsonl file, else one input per non-blank line."""
+def read_inputs(path: Path, text_column: str) -> list:
+    """The inputs of --file: the text column of a .csv / .jsonl file (two comma-separated columns: (a, b) sentence
+    pairs), else one input per non-blank line."""
     from .data import TaskError
     from .data.user_files import json_objects, read_utf8
 
     raw = read_utf8(path, "input")
-    if path.suffix.lower() == ".csv":
+    columns = [c.strip() for c in text_column.split(",")]
+    suffix = path.suffix.lower()
+    if len(columns) > 2 or (len(columns) == 2 and suffix not in (".csv", ".jsonl")):
+        raise TaskError(f"--text-column {text_column!r}: give one column, or two (a,b) of a .csv/.jsonl file")
+
+    def take(row: dict):
+        return row[columns[0]] if len(columns) == 1 else tuple(row[c] for c in columns)
+
+    if suffix == ".csv":
         rows = list(csv.DictReader(raw.splitlines()))
-        if rows and text_column not in rows[0]:
-            raise TaskError(f"--file {path} has no column {text_column!r} (columns: {', '.join(rows[0])}); "
+        missing = [c for c in columns if rows and c not in rows[0]]
+        if missing:
+            raise TaskError(f"--file {path} has no column {missing[0]!r} (columns: {', '.join(rows[0])}); "
                             "choose one with --text-column")
-        return [r[text_column] for r in rows]
-    if path.suffix.lower() == ".jsonl":
+        return [take(r) for r in rows]
+    if suffix == ".jsonl":
         texts = []
-        for n, obj in json_objects(raw, path, f'{{"{text_column}": "..."}}'):
-            if not isinstance(obj.get(text_column), str):
-                raise TaskError(f"--file {path}: line {n} has no string field {text_column!r}")
-            texts.append(obj[text_column])
+        for n, obj in json_objects(raw, path, f'{{"{columns[0]}": "..."}}'):
+            for c in columns:
+                if not isinstance(obj.get(c), str):
+                    raise TaskError(f"--file {path}: line {n} has no string field {c!r}")
+            texts.append(take(obj))
         return texts
     return [line for line in raw.splitlines() if line.strip()]
+
+
+def _example(key: str, x) -> dict:
+    """A collate example for one input: an image, a text, or a sentence pair (a, b)."""
+    if isinstance(x, tuple):
+        return {"text": x[0], "text_pair": x[1], "label": 0}
+    return {key: x, "label": 0}
 
 
 def preprocessing_of(adapter: Path, saved: dict) -> dict:
@@ -55,7 +75,8 @@ def preprocessing_of(adapter: Path, saved: dict) -> dict:
 
 
 def predict(model, loaded, inputs: list, preprocessing: dict) -> list[dict[str, float]]:
-    """Class probabilities for each input (texts, or uint8 image arrays), by class name."""
+    """Class probabilities for each input (texts, (a, b) sentence pairs, or uint8 image arrays), by class name;
+    for a regression adapter {"value": the predicted number}."""
     import torch
 
     from .checkpoint import label_names
@@ -71,8 +92,11 @@ def predict(model, loaded, inputs: list, preprocessing: dict) -> list[dict[str, 
     out = []
     with torch.no_grad():
         for start in range(0, len(inputs), BATCH):
-            batch = collate([{key: x, "label": 0} for x in inputs[start:start + BATCH]])
+            batch = collate([_example(key, x) for x in inputs[start:start + BATCH]])
             batch.pop("labels")
+            if model.objective == "regression":
+                out += [{"value": v} for v in model(**batch).logits.float().squeeze(-1).tolist()]
+                continue
             probs = torch.softmax(class_scores(model, batch, targets).float(), dim=-1)        # B×C
             out += [dict(zip(names, row)) for row in probs.tolist()]
     return out
@@ -110,11 +134,19 @@ def cmd_predict(ns) -> int:
     else:
         if ns.image:
             raise ArgumentError("--image does not apply to a text adapter; give --text or --file")
-        inputs = shown = [*ns.text, *(read_inputs(Path(ns.file), ns.text_column) if ns.file else [])]
+        if ns.text_pair and len(ns.text_pair) != len(ns.text):
+            raise ArgumentError(f"--text-pair: {len(ns.text_pair)} second texts for {len(ns.text)} --text; give one "
+                                "--text-pair per --text, in the same order")
+        texts = list(zip(ns.text, ns.text_pair)) if ns.text_pair else list(ns.text)
+        inputs = shown = [*texts, *(read_inputs(Path(ns.file), ns.text_column) if ns.file else [])]
     if not inputs:
         raise TaskError("nothing to predict: give --text TEXT (repeatable), --image PATH or --file FILE")
     model = load(loaded, adapter)
     for shown_input, probs in zip(shown, predict(model, loaded, inputs, preprocessing_of(adapter, saved))):
+        if "value" in probs:                                        # regression
+            print(json.dumps({"input": shown_input, "value": probs["value"]}) if ns.json
+                  else f"{probs['value']:.4f}\t{_one_line(shown_input)}")
+            continue
         label = max(probs, key=probs.get)
         if ns.json:
             print(json.dumps({"input": shown_input, "label": label, "probabilities": probs}))
@@ -131,6 +163,7 @@ def _missing_image(path: str):
     raise TaskError(f"image {path}: no such file")
 
 
-def _one_line(text: str, limit: int = 80) -> str:
+def _one_line(text, limit: int = 80) -> str:
+    text = " | ".join(text) if isinstance(text, tuple) else text
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"

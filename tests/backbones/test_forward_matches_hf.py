@@ -139,14 +139,15 @@ def test_sublayers_compose_to_the_block(name):
         pytest.skip(f"the {bb.family} backbone declares no sub-layers")
     batch = padded_batch(bb)
     assert_sublayers_compose(bb, batch, name)
-    # The branch hook edits the branch before the residual: an identity edit changes nothing, another does.
+    # The branch hook edits the branch before the residual: an identity edit changes nothing, another does (a
+    # scaling: a constant shift would vanish in a post-LN block's LayerNorm, which removes the mean).
     bb.eval()
     with torch.no_grad():
         h, ctx = bb.embed(batch)
         block = bb.run_block(0, h, ctx)
         a = bb.attention_sublayer(0, h, ctx, branch_hook=lambda inp, u: u)
         assert torch.equal(bb.ffn_sublayer(0, a, ctx, branch_hook=lambda inp, u: u), block)
-        edited = bb.ffn_sublayer(0, bb.attention_sublayer(0, h, ctx), ctx, branch_hook=lambda inp, u: u + 1)
+        edited = bb.ffn_sublayer(0, bb.attention_sublayer(0, h, ctx), ctx, branch_hook=lambda inp, u: 2 * u)
         assert not torch.allclose(edited, block)
     if "decoder_sublayers" not in bb.capabilities:
         return
@@ -161,7 +162,7 @@ def test_sublayers_compose_to_the_block(name):
         a = bb.decoder_attention_sublayer(0, d, dctx, branch_hook=same)
         c = bb.decoder_cross_sublayer(0, a, dctx, branch_hook=same)
         assert torch.equal(bb.decoder_ffn_sublayer(0, c, dctx, branch_hook=same), block)
-        shifted = bb.decoder_cross_sublayer(0, a, dctx, branch_hook=lambda inp, u: u + 1)
+        shifted = bb.decoder_cross_sublayer(0, a, dctx, branch_hook=lambda inp, u: 2 * u)
         assert not torch.allclose(bb.decoder_ffn_sublayer(0, shifted, dctx), block)
         # The cross-attention reads ctx["memory"] at call time: other memory, other output.
         dctx["memory"] = memory.flip(0)

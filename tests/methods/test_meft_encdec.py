@@ -67,8 +67,8 @@ def batch_for(model, dtype=torch.float32):
 
 
 class DecoderStack:
-    """The decoder stack of a wrapped encoder-decoder as `span_bounds` reads a model: its reversible layers and segments,
-    its input (d₀ and the decoder ctx with the current memory) and its TwoStream."""
+    """The decoder stack of a wrapped encoder-decoder as `span_bounds` reads a model: its reversible layers and
+    segments, its input (d₀ and the decoder ctx with the current memory) and its TwoStream."""
 
     def __init__(self, model):
         self.model = model
@@ -294,8 +294,8 @@ def test_saved_bytes_fall_against_ordinary_autograd_and_do_not_grow_with_depth(n
 
 @each_family
 def test_text_to_text_objective_reads_the_plm_streams_and_matches_autograd(name, float64_throughout):
-    # num_labels=None on an encoder-decoder: the seq2seq objective (labels B×Tt target ids) through the tied LM head, which
-    # needs the PLM's hidden state, so the read-out is the PLM stream (+ s·other, s = 0) in both stacks.
+    # num_labels=None on an encoder-decoder: the seq2seq objective (labels B×Tt target ids) through the tied LM
+    # head, which needs the PLM's hidden state, so the read-out is the PLM stream (+ s·other, s = 0) in both stacks.
     torch.manual_seed(1)
     try:
         model = memtune.wrap(load_model(name, dtype=torch.float64), config_for("meft1", {"segment_layers": 4}),

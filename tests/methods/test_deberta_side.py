@@ -13,6 +13,7 @@ import torch
 from transformers import DebertaV2Config, DebertaV2Model
 
 import memtune
+from memtune.backbones import UnsupportedModel
 from memtune.methods import config_for
 
 from .side_helpers import batch_for
@@ -162,3 +163,47 @@ def test_the_table_trains_and_no_gradient_reaches_the_backbone(method):
     trainable = {n for n, _ in model.trainable_named_parameters()}
     prefix = "stacks.encoder.blocks.0." if method == "lst" else "side.blocks.0."
     assert {prefix + t for t in TABLE} <= trainable
+
+
+def test_qst_side_checkpointing_recomputes_the_table_to_the_same_gradients():
+    """The table is made inside side step 0 and read by the later steps: with side_checkpointing, step 0's
+    recomputation in backward must give the same gradients (the table's included) as the plain run."""
+    grads = {}
+    for ckpt in (False, True):
+        model = wrap("qst", mix="sigmoid", side_checkpointing=ckpt).train()     # same seed: same weights
+        batch = batch_for(model)
+        torch.manual_seed(7)                                                    # same dropout draws
+        model(**batch).loss.backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.trainable_named_parameters()}
+    assert grads[False].keys() == grads[True].keys()
+    assert grads[False]["side.blocks.0.rel_embeddings.weight"].abs().sum() > 0
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def layout(**extra):
+    torch.manual_seed(0)
+    return DebertaV2Model(DebertaV2Config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128, type_vocab_size=0, **extra))
+
+
+@pytest.mark.parametrize("extra,table", [
+    (dict(relative_attention=False), ()),                                        # no distance table at all
+    (dict(relative_attention=True, pos_att_type=["p2c", "c2p"], conv_kernel_size=3), TABLE[:1]),  # xlarge conv
+    (dict(relative_attention=True, pos_att_type=["c2p"], norm_rel_ebd="layer_norm", embedding_size=32), TABLE),
+])
+@pytest.mark.parametrize("method", ["lst", "qst"])
+def test_other_layouts_build_and_keep_the_backbone_frozen(method, extra, table):
+    opts = {"r": 4} if method == "qst" else {"init": "random"} if "embedding_size" in extra else {}
+    model = wrap(method, layout(**extra), **opts).train()
+    prefix = "stacks.encoder.blocks.0." if method == "lst" else "side.blocks.0."
+    assert {n for n, _ in model.named_parameters() if n.startswith(prefix + "rel_")} == {prefix + t for t in table}
+    ids = torch.randint(5, 100, (2, 8))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for _, p in model.trainable_named_parameters())
+
+
+def test_lst_pruning_refuses_an_embedding_projection_and_names_the_way_out():
+    with pytest.raises(UnsupportedModel, match="embedding_size differs .* use init='random'"):
+        wrap("lst", layout(relative_attention=True, pos_att_type=["c2p"], embedding_size=32))

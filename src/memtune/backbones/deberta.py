@@ -176,9 +176,14 @@ class DebertaV2Backbone(SideNetworkHooks, Backbone):
         under LST's default magnitude pruning (docs/methods/lst.md §8), the top d' of Σ_v |W_emb[v, j]| (W_emb:
         the V×d token table). Its readers, each side block's query/key (or pos_query/pos_key) projections,
         take their own block's residual dims; one table shared by the stack can follow only one of them, and
-        the first block's input dims are the ones the side starts from."""
-        importance = self.pruning_embedding.detach().abs()
-        return torch.topk(importance.double().sum(0), d_side).indices.sort().values
+        the first block's input dims are the ones the side starts from. With an embedding projection
+        (embedding_size ≠ d) the scores are those of its d output rows, Σ_e |W_proj[j, e]|."""
+        proj = self.model.embeddings.embed_proj
+        if proj is None:
+            score = self.pruning_embedding.detach().abs().double().sum(0)     # d
+        else:
+            score = proj.weight.detach().abs().double().sum(1)               # d (W_proj: d×e)
+        return torch.topk(score, d_side).indices.sort().values
 
     @torch.no_grad()
     def _copy_pruned_table(self, block: nn.Module) -> None:
@@ -212,13 +217,16 @@ class DebertaV2Backbone(SideNetworkHooks, Backbone):
     @property
     def pruning_embedding(self):
         if self.model.embeddings.embed_proj is not None:
-            raise UnsupportedModel("deberta-v2 models whose embedding_size differs from hidden_size have no token "
-                                   "table of the residual width to prune the side network from; use init='random'")
+            raise UnsupportedModel("lst: deberta-v2 models whose embedding_size differs from hidden_size have no "
+                                   "token table of the residual width to prune the side network from; use "
+                                   "init='random'")
         return self.model.embeddings.word_embeddings.weight
 
     def pruning_plan(self, block):
         # q, k, v share rows with the distance projections (share_att_key false): c2p multiplies q by pos_key,
-        # p2c k by pos_query, head dim by head dim. Post-LN: each norm follows its output projection.
+        # p2c k by pos_query, head dim by head dim. Their columns take the block's residual dims P, as the
+        # shared-key content projections' do although they read the table too (kept at `side_table_dims`:
+        # the same dims in the first block only). Post-LN: each norm follows its output projection.
         attn = "attention.self"
         inputs = tuple(f"{attn}.{x}" for x in ("query_proj", "key_proj", "value_proj", "pos_key_proj",
                                                 "pos_query_proj") if has_submodule(block, f"{attn}.{x}"))

@@ -2,8 +2,8 @@
 the layouts and formats accepted, the messages without data, and end-to-end training and evaluation."""
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -115,20 +115,48 @@ def test_clear_messages_without_the_data(tmp_path, monkeypatch):
         load_task("vtab/dtd", data_dir=tmp_path)
 
 
-def test_parquet_and_arrow_folders_name_what_to_install(tmp_path):
+def test_parquet_and_arrow_folders_without_pyarrow_name_what_to_install(tmp_path, monkeypatch):
     folder = tmp_path / "glue" / "sst2"
     folder.mkdir(parents=True)
     (folder / "train.parquet").write_bytes(b"PAR1")
     (folder / "validation").mkdir()
     (folder / "validation" / "dataset_info.json").write_text("{}")
-    if importlib.util.find_spec("pyarrow") is None:
-        with pytest.raises(TaskError, match=r"needs pyarrow \(pip install pyarrow\)"):
-            load_task("glue/sst2", data_dir=tmp_path)
+    for name in ("pyarrow", "pyarrow.parquet"):            # as if it were not installed: import raises
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(TaskError, match=r"needs pyarrow \(pip install pyarrow\)"):
+        load_task("glue/sst2", data_dir=tmp_path)
     (folder / "train.parquet").unlink()
     write_jsonl(folder, "train", [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}])
-    if importlib.util.find_spec("datasets") is None:
-        with pytest.raises(TaskError, match=r"needs the datasets library \(pip install datasets\)"):
-            load_task("glue/sst2", data_dir=tmp_path)
+    with pytest.raises(TaskError, match=r"save_to_disk folder; reading it needs pyarrow"):
+        load_task("glue/sst2", data_dir=tmp_path)
+
+
+def _save_to_disk_layout(folder, rows: dict, parts: int = 2):
+    """A split folder as datasets' save_to_disk writes it: Arrow IPC stream files named in state.json."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    table = pa.table(rows)
+    names = [f"data-{k:05d}-of-{parts:05d}.arrow" for k in range(parts)]
+    step = -(-table.num_rows // parts)
+    for k, name in enumerate(names):
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(k * step, step))
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names],
+                                                   "_split": folder.name}))
+    (folder / "dataset_info.json").write_text("{}")
+
+
+def test_arrow_folder_read_with_pyarrow_in_file_order(tmp_path):
+    pytest.importorskip("pyarrow")
+    rows = {"sentence1": ["a", "b", "c"], "sentence2": ["d", "e", "f"], "label": [0, 1, 0]}
+    for split in ("train", "validation"):
+        _save_to_disk_layout(tmp_path / "glue" / "rte" / split, rows)
+    task = load_task("glue/rte", data_dir=tmp_path)
+    assert [ex["label"] for ex in task.test] == [0, 1, 0] and task.test[2]["text_pair"] == "f"
+    (tmp_path / "glue" / "rte" / "validation" / "data-00001-of-00002.arrow").write_bytes(b"not arrow")
+    with pytest.raises(TaskError, match="not a readable `datasets` folder"):
+        load_task("glue/rte", data_dir=tmp_path)
 
 
 def test_cli_without_data_exits_2_with_one_line(tmp_path, monkeypatch, capsys):

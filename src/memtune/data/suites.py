@@ -7,8 +7,8 @@ as ``DIR/<suite>/<name>`` or ``DIR/<name>``, folder names matched without case, 
 
 GLUE / SuperGLUE task folder: one file (or folder) per split, named ``train`` and ``validation`` (also
 ``dev`` / ``val``; MNLI: ``validation_matched`` / ``dev_matched``), as ``.tsv``, ``.csv``, ``.jsonl`` /
-``.json`` (JSON lines), ``.parquet`` (needs pyarrow) or an arrow folder written by ``datasets``'
-``save_to_disk`` (needs the datasets library, read locally only). The columns are the Hugging Face
+``.json`` (JSON lines), ``.parquet`` or an arrow folder written by ``datasets``' ``save_to_disk`` (both
+read with pyarrow, which memtune installs; the datasets library is not needed). The columns are the Hugging Face
 ``datasets`` names (sentence1/sentence2, question/sentence, premise/hypothesis, label) or the original
 distribution's (``#1 String`` / ``Quality`` in MRPC, ``score`` in STS-B, ``gold_label`` in MNLI, ...).
 Labels are ids or the class names below (``entailment``, ``true``, ...). GLUE's test labels are hidden,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -174,16 +175,28 @@ def read_records(source: Path) -> list[dict]:
 
 
 def _read_arrow_folder(folder: Path) -> list[dict]:
-    """A split saved by `datasets`' save_to_disk (dataset_info.json + data-*.arrow), read locally."""
+    """A split saved by `datasets`' save_to_disk: state.json names its data-*.arrow files (Arrow IPC streams),
+    read with pyarrow (the datasets library itself is not needed)."""
     try:
-        from datasets import load_from_disk
+        import pyarrow as pa
     except ImportError:
-        raise TaskError(f"{folder} looks like a `datasets` save_to_disk folder; reading it needs the datasets "
-                        "library (pip install datasets), or save the split as .csv, .tsv or .jsonl") from None
+        raise TaskError(f"{folder} looks like a `datasets` save_to_disk folder; reading it needs pyarrow (pip install "
+                        "pyarrow), or save the split as .csv, .tsv or .jsonl") from None
+    state = folder / "state.json"
     try:
-        return list(load_from_disk(str(folder)))
-    except (FileNotFoundError, ValueError) as e:
+        names = ([f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+                 if state.is_file() else sorted(p.name for p in folder.glob("data-*.arrow")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise TaskError(f"{state}: unreadable ({e!r}); expected the state.json that datasets' save_to_disk "
+                        "writes") from None
+    if not names:
+        raise TaskError(f"{folder}: no data-*.arrow files; a `datasets` save_to_disk split folder holds "
+                        "state.json and data-*.arrow")
+    try:
+        tables = [pa.ipc.open_stream(pa.memory_map(str(folder / n))).read_all() for n in names]
+    except (OSError, pa.ArrowInvalid) as e:
         raise TaskError(f"{folder}: not a readable `datasets` folder ({e})") from None
+    return pa.concat_tables(tables).to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------- GLUE tasks

@@ -348,3 +348,14 @@ def test_smollm2_default_config_trains_within_tolerance(real_model_threads):
     cls = wrap(loaded, "meft1", num_labels=2, segment_layers=1).train()
     cls(**{**batch, "labels": torch.tensor([0, 1])}).loss.backward()
     assert all(p.grad is not None for p in cls.adapters.parameters())
+
+
+def test_classification_head_starts_as_the_official_codes():
+    # transformers' classifier init, which the released MEFT code trains: N(0, initializer_range²), zero bias.
+    torch.manual_seed(0)
+    model = wrap("tiny-bert", "meft1")
+    w = model.head.weight
+    std = model.backbone.config.initializer_range
+    assert torch.equal(model.head.bias, torch.zeros_like(model.head.bias))
+    # The sample std of n = C·d normal draws is within 5 standard errors (σ / sqrt(2n)) of σ.
+    assert abs(w.std().item() - std) <= 5 * std / (2 * w.numel()) ** 0.5

@@ -99,6 +99,9 @@ class MEFTModel(MemtuneModel):
         self.adapters = adapters(n_adapted)
         self.decoder_adapters = adapters(n_dec) if self.encoder_decoder else None
         if self.head is not None:
+            # The official code's head is transformers' classifier: N(0, initializer_range²) weights, zero bias.
+            nn.init.normal_(self.head.weight, std=getattr(cfg, "initializer_range", 0.02))
+            nn.init.zeros_(self.head.bias)
             self.head.to(device=ref.device, dtype=ref.dtype)
 
         # auto: the frozen LM head of a causal LM or text-to-text model needs the PLM's hidden state.

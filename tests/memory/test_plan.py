@@ -174,6 +174,15 @@ def test_every_known_config_builds_with_the_expected_size():
         assert required in known_models()
 
 
+def test_hub_names_resolve_to_the_shipped_configs_without_the_network():
+    from memtune.memory.known_configs import SYNONYMS
+
+    for hub_name, shipped in SYNONYMS.items():
+        config, source = resolve_config(hub_name)
+        assert shipped in source, (hub_name, source)
+        assert config.to_dict() == resolve_config(shipped)[0].to_dict()
+
+
 def test_every_family_answers_the_planner_from_its_config_alone():
     from transformers import XLNetConfig
 

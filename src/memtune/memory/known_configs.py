@@ -33,6 +33,16 @@ SYNONYMS = {
     "facebook/dinov2-small": "dinov2-s", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
     "facebook/opt-125m": "opt-125m", "facebook/opt-1.3b": "opt-1.3b", "facebook/opt-6.7b": "opt-6.7b",
     "facebook/bart-base": "bart-base", "facebook/bart-large": "bart-large",
+    # Newer families (the vision towers' and Gemma 3's entries are the vision / text tower of the hub model).
+    "Qwen/Qwen3-8B": "qwen3-8b", "Qwen/Qwen3-0.6B": "qwen3-0.6b", "google/gemma-2-2b": "gemma-2-2b",
+    "google/gemma-3-4b-pt": "gemma-3-4b", "microsoft/Phi-3-mini-4k-instruct": "phi-3-mini-4k",
+    "EleutherAI/pythia-1b": "pythia-1b", "EleutherAI/pythia-6.9b": "pythia-6.9b", "openai-community/gpt2": "gpt2",
+    "microsoft/deberta-v3-base": "deberta-v3-base", "microsoft/deberta-v3-large": "deberta-v3-large",
+    "answerdotai/ModernBERT-base": "modernbert-base", "answerdotai/ModernBERT-large": "modernbert-large",
+    "distilbert/distilbert-base-uncased": "distilbert-base", "distilbert-base-uncased": "distilbert-base",
+    "microsoft/swin-base-patch4-window7-224": "swin-b", "microsoft/swin-tiny-patch4-window7-224": "swin-t",
+    "openai/clip-vit-base-patch16": "clip-vit-b16", "google/siglip-base-patch16-224": "siglip-base-patch16-224",
+    "meta-llama/Llama-3.1-70B": "llama-3.1-70b",
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .backbones import tiny_configs
+from .backbones.image_text import TINY_COMPOSITIONS, compose
 
 
 class ModelError(ValueError):
@@ -103,6 +104,9 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementa
     if name in TINY:
         model, pre, modality = build_tiny(name)
         return LoadedModel(name, model.to(dtype), pre, modality)
+    if name in TINY_COMPOSITIONS:     # two tiny aliases, vision beside text (backbones/image_text.py)
+        vision, text = (load_model(part, dtype=dtype) for part in TINY_COMPOSITIONS[name])
+        return LoadedModel(name, compose(vision, text), text.preprocessor, text.modality)
     if name in REAL:
         from . import assets
 

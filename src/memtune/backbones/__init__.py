@@ -62,7 +62,10 @@ def family_class(config) -> type[Backbone]:
 
 
 def backbone_for(model) -> Backbone:
-    """Wrap a Hugging Face model (base model, or XForCausalLM for decoders) in its family's adapter."""
+    """Wrap a Hugging Face model (base model, or XForCausalLM for decoders) in its family's adapter. A composed
+    model (`image_text.compose`) builds its own adapter."""
+    if hasattr(model, "memtune_backbone"):
+        return model.memtune_backbone()
     return family_class(getattr(model, "config", None))(model)
 
 

@@ -16,6 +16,12 @@ Forms (docs/methods/lst.md §3, §4):
   up-projected side decoder states go through the tied LM head, LMHead(o·d^-1/2) (`lm_logits`); `generate`
   decodes greedily or with beam search, with KV caches for the backbone decoder and the side decoder.
 
+- LST-VL (backbones with "visual_side_tokens", `backbones/image_text.py`; the VL spec §2): the backbone sees the
+  text only; the side encoder reads s = W0·drop([e ; e_v]) over T+V positions, e_v = the trainable visual
+  embedding of the frozen visual tokens (visual.py), with ladders zero at the visual positions; the T5 side
+  decoder cross-attends to all T+V side encoder positions. `generate` refuses it (it reads text only): decode
+  through the forward (`memtune.seq2seq.greedy_generate`).
+
 W0 reads, with the side's own dropout draw: for T5 the raw embedding e (the backbone's embedding
 dropout is separate, as in §3); for the other families the embedding output as the backbone's `embed`
 returns it (HF embedding modules apply their dropout inside: BERT 0.1, ViT/DINOv2 0, Llama none).
@@ -31,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import MemtuneModel, check
+from ..base import ConfigError, MemtuneModel, check
 from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
 from .fisher import fisher_importance
 from .prune import Pruner, embedding_dims
 from .side import SideStack, small_normal_
+from .visual import VisualSideEmbedding
 
 
 def side_stacks(backbone) -> dict[str, bool]:
@@ -62,13 +69,28 @@ class LSTModel(MemtuneModel):
             self.rotary = backbone.make_side_rotary(self.side_configs[self._output_name])
             d_side = next(iter(self.stacks.values())).ladders["embed"].out_features
             self.up = small_normal_(nn.Linear(d_side, backbone.hidden_size))     # W_up: d' → d
+            # LST-VL (the VL spec §2): visual tokens join the side encoder only, after its text positions.
+            self.visual = (self._visual_embedding(backbone, d_side) if "visual_side_tokens" in backbone.capabilities
+                           else None)
         self.stacks.to(ref.dtype)
         self.up.to(ref.dtype)
+        if self.visual is not None:
+            self.visual.to(ref.dtype)
         self.data_init_pending = config.init == "fisher"
         self.pruning_records: dict = {}
         if config.init != "random" and ref.device.type != "meta":   # meta: shapes only, nothing to copy
             self.init_from_importance(lambda name, p: p.detach().abs())
         self.trunk_cache = config.make_trunk_cache()
+
+    @staticmethod
+    def _visual_embedding(backbone, d_side: int, factorised: bool = True) -> VisualSideEmbedding:
+        """The trainable visual embedding: to width d, read by W0 with the text (factorised, the official
+        form), or straight to d' (see visual.py)."""
+        if "decoder" in backbone.capabilities:
+            raise ConfigError(f"lst: visual side tokens are implemented for encoder and encoder-decoder text "
+                              f"backbones (BERT-like, T5), not the {backbone.family} decoder")
+        width = backbone.hidden_size if factorised else d_side
+        return VisualSideEmbedding(backbone.visual_width, width, backbone.visual_length, factorised)
 
     def _check_options(self, backbone, config):
         config.check_side_heads(backbone)
@@ -195,6 +217,8 @@ class LSTModel(MemtuneModel):
 
             outs = cached_trunk(cache, batch, mask, bb.input_keys, compute, h)
         taps = {"embed": h if real is None else h * real, **dict(zip(keep, outs))}
+        if self.visual is not None:                  # LST-VL: frozen visual tokens B×V×d_v, side only
+            taps["visual"] = bb.visual_tokens(batch)
         return {self._output_name: taps}, ctx
 
     @torch.no_grad()
@@ -210,6 +234,8 @@ class LSTModel(MemtuneModel):
         h, outs = bb.forward_intermediates(h, ctx, keep, stop=bb.num_layers)
         taps.update(zip(keep, outs))
         ctx["memory"] = bb.finish_encoder(h)        # B×Ts×d
+        if self.visual is not None:                  # LST-VL: frozen visual tokens B×V×d_v, side only
+            taps["visual"] = bb.visual_tokens(batch)
         return taps, ctx
 
     @torch.no_grad()
@@ -231,11 +257,32 @@ class LSTModel(MemtuneModel):
         returns drop(Norm_side(s)), B×T×d'. make_context(s) gives the side blocks' context."""
         bb, stack = self.backbone, self.stacks[name]
         take = taps.pop if consume else taps.__getitem__
-        s = stack.start(take("embed"))                                       # B×T×d'
+        if "visual" in taps:
+            s = self._side_input_with_visual(stack, take("embed"), take("visual"))   # B×(T+V)×d'
+        else:
+            s = stack.start(take("embed"))                                   # B×T×d'
         sctx = make_context(s)
         for i in stack.keep:
+            # LST-VL: the ladder (B×T×d') is zero at the visual positions (SideStack.fuse pads it).
             s = bb.run_side_block(stack.block(i), stack.fuse(i, s, take(i)), sctx)
         return stack.finish(s)
+
+    def _side_input_with_visual(self, stack, e, v) -> torch.Tensor:
+        """e: text embedding B×T×d, v: frozen visual tokens B×V×d_v → the side input B×(T+V)×d':
+        W0·drop([e ; e_v]) (factorised) or [W0·drop(e) ; drop(e_v)]."""
+        e_v = self.visual(v).to(e.dtype)
+        if self.visual.factorised:
+            return stack.start(torch.cat([e, e_v], dim=1))
+        return torch.cat([stack.start(e), stack.drop(e_v)], dim=1)
+
+    @staticmethod
+    def _side_memory_mask(token_mask, s_enc) -> torch.Tensor:
+        """The side decoder's cross-attention mask: the text mask B×T, then ones at the side encoder's visual
+        positions (LST-VL: s_enc is B×(T+V)×d')."""
+        extra = s_enc.shape[1] - token_mask.shape[1]
+        if extra <= 0:
+            return token_mask
+        return torch.cat([token_mask, token_mask.new_ones(token_mask.shape[0], extra)], dim=1)
 
     def side_forward(self, taps, ctx, consume: bool = False) -> torch.Tensor:
         """The trainable path on (detached) taps: B×T×d up-projected side output (encoder-decoders: the
@@ -259,8 +306,9 @@ class LSTModel(MemtuneModel):
         """Side decoder: cross-attends to s_enc only. Returns o = W_up·drop(Norm(s_dec)) + b_up, B×Tt×d.
         cache: the side decoder's own KV cache when decoding new tokens."""
         cfg = self.side_configs["decoder"]
+        memory_mask = self._side_memory_mask(ctx["token_mask"], s_enc)
         return self.up(self._run_stack("decoder", taps, lambda s: self.backbone.side_decoder_context(
-            s, s_enc, ctx["token_mask"], cfg, cache)))
+            s, s_enc, memory_mask, cfg, cache)))
 
     # -- MemtuneModel --------------------------------------------------------------------------------------------
     def features(self, batch):
@@ -281,4 +329,7 @@ class LSTModel(MemtuneModel):
         Returns B×(1+n) ids starting with the decoder start token."""
         from .generate import text_to_text_generate
 
+        if self.visual is not None:
+            raise ConfigError("lst.generate reads text inputs only; for an image-text model decode through the "
+                              "forward with pixel_values (memtune.seq2seq.greedy_generate)")
         return text_to_text_generate(self, input_ids, attention_mask, max_new_tokens, num_beams, stop_at_eos)

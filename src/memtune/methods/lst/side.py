@@ -7,6 +7,7 @@ backbone's attention class accepts; `side_heads` replaces H where the backbone a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..common.compact_linear import TapLinear
@@ -59,9 +60,15 @@ class SideStack(nn.Module):
         return self.ladders["embed"](self.drop(e))
 
     def fuse(self, i: int, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Ladder i fused before side block i: s (B×T×d'), h (B×T×d, backbone block i output)."""
+        """Ladder i fused before side block i: s (B×Ts×d'), h (B×T×d, backbone block i output). Side-only
+        positions after the T backbone positions (LST-VL's visual tokens, Ts = T+V) get a zero ladder, so
+        there the fuse only scales s by mu."""
         mu = self.mu(i)
-        return mu * s + (1 - mu) * self.ladders[str(i)](h)
+        ladder = self.ladders[str(i)](h)                                 # B×T×d'
+        extra = s.shape[1] - ladder.shape[1]
+        if extra > 0:
+            ladder = F.pad(ladder, (0, 0, 0, extra))                     # B×(T+V)×d', zeros at visual rows
+        return mu * s + (1 - mu) * ladder
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:
         return self.drop(self.norm(s))

@@ -1,0 +1,198 @@
+"""Image + text composition: a frozen vision backbone beside a frozen text backbone (docs: the VL spec §4, mode A).
+
+    model = compose(load_model("dinov2-s"), load_model("t5-base"), grid=6)    # or two Hugging Face modules
+    lst = memtune.wrap(model, "lst")                                          # LST-VL, text-to-text
+    lst = memtune.wrap(compose(vision, bert), "lst", num_labels=2)            # BERT-like: classification
+
+The composed backbone *is* the text backbone (a subclass of its family's class over the same text module),
+so every method runs the text trunk exactly as on the plain text model; the image reaches nothing in it.
+On top it declares the capability "visual_side_tokens" and offers
+
+    v = backbone.visual_tokens(batch)        # B×V×d_v from batch["pixel_values"], V = grid², no autograd
+
+the vision backbone's patch-grid tokens after its final norm, adaptive-max-pooled (no parameters) from its
+rows×cols patch grid to grid×grid (LST's CLIP-T5 pools to 6×6 = 36 tokens). A method that feeds them to a side
+network appends them after the text positions of its side sequence; `side_context` then extends the side
+padding mask with ones, and the T5 form keeps the side relative position bias on the text-text block only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Backbone, UnsupportedModel
+from .bert import BertLikeBackbone
+from .t5 import T5Backbone
+
+# Tiny compositions for tests and smoke runs: alias → (vision alias, text alias) of `memtune.models`.
+TINY_COMPOSITIONS = {"tiny-vl-t5": ("tiny-vit", "tiny-t5"), "tiny-vl-bert": ("tiny-vit", "tiny-bert")}
+
+
+@dataclass
+class ImageTextConfig:
+    """What `memtune.wrap` and checkpoints read off a composed model, plus the two parts' own configs."""
+    vision_config: Any
+    text_config: Any
+    grid: int = 6                    # visual tokens per side of the pooled patch grid (V = grid²)
+    _name_or_path: str = ""
+    model_type: str = field(default="image_text", init=False)
+
+    def __post_init__(self):
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise ValueError(f"compose: grid must be a positive integer (visual tokens per side of the pooled "
+                             f"patch grid, e.g. 6 for 36 tokens); got {self.grid!r}")
+
+
+class ImageTextModel(nn.Module):
+    """The two frozen Hugging Face modules of a composition; `backbones.backbone_for` asks it for its adapter."""
+
+    def __init__(self, vision_model: nn.Module, text_model: nn.Module, grid: int = 6, name: str = ""):
+        super().__init__()
+        self.vision_model = vision_model
+        self.text_model = text_model
+        self.config = ImageTextConfig(vision_model.config, text_model.config, grid, name)
+
+    def memtune_backbone(self) -> Backbone:
+        """The composed backbone over these modules (the text family's adapter with visual tokens)."""
+        text_type = getattr(self.text_model.config, "model_type", None)
+        if text_type not in COMPOSED_FAMILIES:
+            raise UnsupportedModel(f"compose: text model type {text_type!r} has no image-text composition; "
+                                   f"supported text model types: {', '.join(sorted(COMPOSED_FAMILIES))}")
+        return COMPOSED_FAMILIES[text_type](self)
+
+
+def _module_and_name(model) -> tuple[nn.Module, str]:
+    """A Hugging Face module and its name from a module or a `memtune.models.LoadedModel`."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and hasattr(model, "name"):        # a LoadedModel
+        return inner, model.name
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compose: expected a Hugging Face module or a memtune LoadedModel, got {type(model).__name__}")
+    return model, getattr(model.config, "_name_or_path", "") or model.config.model_type
+
+
+def compose(vision_model, text_model, grid: int = 6) -> ImageTextModel:
+    """A frozen vision model (an image family with a patch grid: ViT, DINOv2) and a frozen text model (T5)
+    as one model for `memtune.wrap`. Both may be Hugging Face modules or `LoadedModel`s; grid: the pooled
+    visual grid per side (V = grid² visual tokens)."""
+    vision, vision_name = _module_and_name(vision_model)
+    text, text_name = _module_and_name(text_model)
+    return ImageTextModel(vision, text, grid, f"{vision_name}+{text_name}")
+
+
+class ImageTextBackbone(Backbone):
+    """Mixin of the composed backbones: put it before the text family's class (`T5ImageTextBackbone`).
+
+    The protocol (embed, blocks, decoder stack, finish, pool, side hooks) is the text family's, over the text
+    module (`self.model`); the vision backbone is `self.vision`, read only by `visual_tokens`."""
+
+    def __init__(self, composed: ImageTextModel):
+        from . import backbone_for
+
+        super().__init__(composed.text_model)
+        vision = backbone_for(composed.vision_model)
+        if vision.modality != "image" or vision.token_layout != "grid":
+            raise UnsupportedModel(f"compose: the vision model must be an image family with a patch grid "
+                                   f"(ViT, DINOv2); {vision.family} has token layout {vision.token_layout!r}")
+        self.vision = vision
+        self.grid = composed.config.grid
+
+    @property
+    def visual_width(self) -> int:
+        """d_v, the width of the visual tokens."""
+        return self.vision.hidden_size
+
+    @property
+    def visual_length(self) -> int:
+        """V, the number of visual tokens per image."""
+        return self.grid * self.grid
+
+    @torch.no_grad()
+    def visual_tokens(self, batch) -> torch.Tensor:
+        """batch["pixel_values"] (B×3×S×S) → B×V×d_v: the frozen vision backbone's patch tokens after its final
+        norm, max-pooled from its rows×cols grid to grid×grid (row-major order), without autograd."""
+        if "pixel_values" not in batch:
+            raise ValueError("image-text models need pixel_values (B×3×S×S) in the batch beside the text inputs")
+        v = self.vision
+        px = batch["pixel_values"].to(next(v.parameters()).dtype)
+        h, ctx = v.embed({"pixel_values": px})
+        h, _ = v.forward_intermediates(h, ctx, stop=v.num_layers)
+        patches = v.grid_tokens(v.finish(h, ctx), ctx)                       # B×(rows·cols)×d_v
+        rows, cols = ctx["grid"]
+        B, _, d_v = patches.shape
+        grid = patches.transpose(1, 2).reshape(B, d_v, rows, cols)           # B×d_v×rows×cols
+        pooled = F.adaptive_max_pool2d(grid, self.grid)                       # B×d_v×grid×grid
+        return pooled.flatten(2).transpose(1, 2)                              # B×V×d_v
+
+    def example_batch(self, batch_size, length, device=None):
+        """The text family's batch plus pixel_values B×3×S×S in [0, 1], S the vision config's image size."""
+        batch = super().example_batch(batch_size, length, device)
+        size = self.vision.config.image_size
+        batch["pixel_values"] = torch.rand(batch_size, 3, size, size, device=device)
+        return batch
+
+    @torch.no_grad()
+    def side_context(self, s, ctx, cfg, rotary=None, cache=None):
+        """Side encoder context for s = [text ; visual] (B×(T+V)×d'): the text padding mask then ones at the V
+        visual positions; ctx "text_length" = T marks the split for the family's bias."""
+        mask = ctx["token_mask"]                                             # B×T
+        extra = s.shape[1] - mask.shape[1]
+        if extra <= 0:
+            return super().side_context(s, ctx, cfg, rotary, cache)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=1)  # B×(T+V)
+        sctx = super().side_context(s, {**ctx, "token_mask": mask}, cfg, rotary, cache)
+        sctx["text_length"] = ctx["token_mask"].shape[1]
+        return sctx
+
+
+class T5ImageTextBackbone(ImageTextBackbone, T5Backbone):
+    """T5 with visual side tokens. The side relative bias is T5's on the text-text block and 0 for every pair
+    with a visual token (LST's CLIP-T5), then the padding mask is added."""
+    capabilities = T5Backbone.capabilities | {"visual_side_tokens"}
+    input_keys = (*T5Backbone.input_keys, "pixel_values")
+
+    def run_side_block(self, block, s, sctx):
+        T = sctx.get("text_length")
+        if T is not None and sctx["position_bias"] is None:       # the first side block of the side encoder
+            sctx["position_bias"] = self.text_only_side_bias(block, s.shape[1], T, sctx["mask"])
+        return super().run_side_block(block, s, sctx)
+
+    @staticmethod
+    def text_only_side_bias(block, length: int, text_length: int, mask) -> torch.Tensor:
+        """1×H×L×L (B×H×L×L with a mask) for L = T+V: the block's relative bias over the T text positions,
+        zeros wherever a visual position is involved, plus the additive mask. Keeps the graph to the bias
+        table (it trains)."""
+        attn = block.layer[0].SelfAttention
+        if not attn.has_relative_attention_bias:
+            raise UnsupportedModel("T5 side encoder: the first side block has no relative-attention table")
+        extra = length - text_length
+        bias = F.pad(attn.compute_bias(text_length, text_length), (0, extra, 0, extra))   # 1×H×L×L
+        return bias if mask is None else bias + mask[:, :, :, :length]
+
+
+class BertImageTextBackbone(ImageTextBackbone, BertLikeBackbone):
+    """BERT-like encoders (absolute positions) with visual side tokens: the side attends over [text ; visual]
+    with no position term at the visual positions beyond the side's own learned codes. Pooling of side
+    outputs B×(T+V)×d is the mean over the real text tokens and the V visual tokens."""
+    capabilities = BertLikeBackbone.capabilities | {"visual_side_tokens"}
+    input_keys = (*BertLikeBackbone.input_keys, "pixel_values")
+
+    def pool(self, h, ctx):
+        mask = ctx["token_mask"]                                             # B×T
+        extra = h.shape[1] - mask.shape[1]
+        if extra > 0:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=1)   # B×(T+V)
+            ctx = {**ctx, "token_mask": mask}
+        return super().pool(h, ctx)
+
+
+# Text model type → its composed backbone class. MPNet is left out: its side blocks share the backbone's
+# relative bias over the text positions, which would need the T5-like split.
+COMPOSED_FAMILIES: dict[str, type[ImageTextBackbone]] = {
+    "t5": T5ImageTextBackbone,
+    "bert": BertImageTextBackbone, "roberta": BertImageTextBackbone, "xlm-roberta": BertImageTextBackbone,
+}

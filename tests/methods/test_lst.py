@@ -570,3 +570,22 @@ def test_side_heads_sets_the_side_head_count():
             wrap(other, side_heads=2)
     with pytest.raises(ConfigError, match="lst.side_heads must be a positive head count"):
         config_for("lst", {"side_heads": 0})
+
+
+def test_w0_reads_the_embedding_with_one_dropout_draw():
+    # BERT's embeddings apply their dropout (0.1) inside: a training-mode trunk has drawn it, so W0 adds none;
+    # an eval-mode trunk (trunk_dropout=false) gets the side's own draw.
+    batch = batch_for(wrap("tiny-bert"))
+    batch.pop("labels")
+    for trunk_dropout, side_draws in ((True, False), (False, True)):
+        model = wrap("tiny-bert", trunk_dropout=trunk_dropout).train()
+        stack = model.stacks[model._output_name]
+        calls = []
+        original = stack.drop.forward
+        stack.drop.forward = lambda x: calls.append(x.shape) or original(x)
+        torch.manual_seed(0)
+        taps, ctx = model.backbone_taps(batch)
+        model.side_forward(taps, ctx)
+        e_shape = (batch["input_ids"].shape[0], batch["input_ids"].shape[1], model.backbone.hidden_size)
+        assert (e_shape in calls) is side_draws, (trunk_dropout, calls)
+        assert ctx["embed_dropped"] is (not side_draws)

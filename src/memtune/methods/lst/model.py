@@ -22,9 +22,11 @@ Forms (docs/methods/lst.md §3, §4):
   decoder cross-attends to all T+V side encoder positions. `generate` refuses it (it reads text only): decode
   through the forward (`memtune.seq2seq.greedy_generate`).
 
-W0 reads, with the side's own dropout draw: for T5 the raw embedding e (the backbone's embedding
-dropout is separate, as in §3); for the other families the embedding output as the backbone's `embed`
-returns it (HF embedding modules apply their dropout inside: BERT 0.1, ViT/DINOv2 0, Llama none).
+W0 reads e with one dropout draw: for T5 the raw embedding e with the side's own draw (the backbone's
+embedding dropout is separate, as in §3); for the other families the embedding output as the backbone's
+`embed` returns it. HF embedding modules apply their dropout inside (BERT 0.1, ViT/DINOv2 0, Llama none), so
+when the trunk runs in training mode with a dropout, W0 reads that draw and adds none (`trunk_dropout=false`,
+an eval-mode trunk: the side's own draw).
 
 The backbone blocks after the last kept layer are not run (their outputs would not be read); T5's
 encoder always runs to the end because the backbone decoder cross-attends to its output.
@@ -207,6 +209,9 @@ class LSTModel(MemtuneModel):
                 return {"encoder": enc, "decoder": self.decoder_taps(batch, ctx)}, ctx
             keep = self.output_stack.keep
             h, ctx = bb.embed(batch)
+            # A trunk in training mode returns its embedding after the family's own embedding dropout (BERT, ViT,
+            # GPT-2: the blocks' rate): W0 then reads that draw instead of dropping e a second time.
+            ctx["embed_dropped"] = bb.training and bb.hidden_dropout > 0
             mask = ctx.get("token_mask")
             cache = self.trunk_cache if self.training else None
             real = (None if cache is None or mask is None or bool(mask.all())
@@ -252,15 +257,17 @@ class LSTModel(MemtuneModel):
         return taps
 
     # -- the side network -----------------------------------------------------------------------------------------
-    def _run_stack(self, name: str, taps: dict, make_context, consume: bool = False) -> torch.Tensor:
+    def _run_stack(self, name: str, taps: dict, make_context, consume: bool = False,
+                   embed_dropped: bool = False) -> torch.Tensor:
         """Side stack `name` on its taps: s = W0·drop(e), then ladder + side block for each kept layer;
-        returns drop(Norm_side(s)), B×T×d'. make_context(s) gives the side blocks' context."""
+        returns drop(Norm_side(s)), B×T×d'. make_context(s) gives the side blocks' context. embed_dropped: e
+        is the backbone's embedding output in training mode, which already applied its embedding dropout."""
         bb, stack = self.backbone, self.stacks[name]
         take = taps.pop if consume else taps.__getitem__
         if "visual" in taps:
             s = self._side_input_with_visual(stack, take("embed"), take("visual"))   # B×(T+V)×d'
         else:
-            s = stack.start(take("embed"))                                   # B×T×d'
+            s = stack.start(take("embed"), drop=not embed_dropped)           # B×T×d'
         sctx = make_context(s)
         for i in stack.keep:
             # LST-VL: the ladder (B×T×d') is zero at the visual positions (SideStack.fuse pads it).
@@ -295,7 +302,7 @@ class LSTModel(MemtuneModel):
             return self.side_decode(taps["decoder"], s_enc, ctx)
         name, cfg = self._output_name, self.side_configs[self._output_name]
         return self.up(self._run_stack(name, taps[name], lambda s: self.backbone.side_context(s, ctx, cfg, self.rotary),
-                                       consume))                             # B×T×d
+                                       consume, ctx.get("embed_dropped", False)))   # B×T×d
 
     def side_encode(self, taps, ctx) -> torch.Tensor:
         """Side encoder: s_enc = drop(Norm_side_enc(s)), B×Ts×d'."""

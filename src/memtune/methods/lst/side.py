@@ -55,9 +55,10 @@ class SideStack(nn.Module):
         """The gate mu_i = sigmoid(alpha_i / T_g) (a 0-d tensor): the weight of the side state."""
         return torch.sigmoid(self.gates[i] / self.temperature)
 
-    def start(self, e: torch.Tensor) -> torch.Tensor:
-        """e: B×T×d frozen embedding output → s: B×T×d'."""
-        return self.ladders["embed"](self.drop(e))
+    def start(self, e: torch.Tensor, drop: bool = True) -> torch.Tensor:
+        """e: B×T×d frozen embedding output → s: B×T×d'. drop=False where e already carries the backbone's own
+        embedding-dropout draw (one draw, as in the paper's W0·drop(e))."""
+        return self.ladders["embed"](self.drop(e) if drop else e)
 
     def fuse(self, i: int, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Ladder i fused before side block i: s (B×Ts×d'), h (B×T×d, backbone block i output). Side-only

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from .base import Backbone, Context, residual_sublayer
-from .side_network import PruneGroup, SideNetworkHooks, head_multiple_widths, norm_step
+from .side_network import PruneGroup, SideNetworkHooks, head_multiple_widths, norm_step, side_decoder_masks
 
 
 class BartBackbone(SideNetworkHooks, Backbone):
@@ -127,14 +127,6 @@ class BartBackbone(SideNetworkHooks, Backbone):
     def finish_decoder(self, h, norm=None):
         norm = self.decoder_norm if norm is None else norm
         return h if norm is None else norm(h)
-
-    def finish(self, h, ctx):
-        """Encoder output → the decoder's finished states B×Tt×d (the whole encoder-decoder pass)."""
-        memory = self.finish_encoder(h)
-        d, dctx = self.decoder_embed(ctx["batch"], memory, ctx["token_mask"])
-        for i in range(len(self.decoder_blocks)):
-            d = self.run_decoder_block(i, d, dctx)
-        return self.finish_decoder(d)
 
     def pool(self, h, ctx):
         """Decoder states B×Tt×d → B×d: the last real input token when the decoder read the shifted input (right
@@ -239,16 +231,9 @@ class BartBackbone(SideNetworkHooks, Backbone):
         return {"mask": create_bidirectional_mask(config=cfg, inputs_embeds=s, attention_mask=ctx["token_mask"]),
                 "memory": None, "cross_mask": None, "cache": None}
 
-    @torch.no_grad()
     def side_decoder_context(self, s, memory, memory_mask, cfg, cache=None):
-        """Side decoder stack: causal self-attention (with its own EncoderDecoderCache when decoding) and
-        cross-attention to memory, the side encoder output B×Ts×d'."""
-        self_cache = None if cache is None else cache.self_attention_cache
-        return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=None,
-                                           past_key_values=self_cache),
-                "cross_mask": create_bidirectional_mask(config=cfg, inputs_embeds=s, attention_mask=memory_mask,
-                                                        encoder_hidden_states=memory),
-                "memory": memory, "cache": cache}
+        """Side decoder stack: causal self-attention and cross-attention to memory (side_network.py)."""
+        return side_decoder_masks(s, memory, memory_mask, cfg, cache)
 
     def run_side_block(self, block, s, sctx):
         if sctx["memory"] is None:                                        # an encoder layer

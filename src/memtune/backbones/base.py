@@ -177,8 +177,15 @@ class Backbone(nn.Module):
         return None
 
     def finish(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """Final norm of the stack: B×T×d → B×T×d."""
-        return h
+        """Final norm of the stack: B×T×d → B×T×d. Encoder-decoders: the encoder output → the decoder's finished
+        states B×Tt×d (the rest of the encoder-decoder pass, the decoder reading the finished encoder output)."""
+        if not self.is_encoder_decoder:
+            return h
+        memory = self.finish_encoder(h)
+        d, dctx = self.decoder_embed(ctx["batch"], memory, ctx["token_mask"])
+        for i in range(len(self.decoder_blocks)):
+            d = self.run_decoder_block(i, d, dctx)
+        return self.finish_decoder(d)
 
     def pool(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Token states B×T×d → features B×feature_size. Default: mean over real tokens; causal LMs read the

@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from .base import UnsupportedModel
 
@@ -114,6 +114,17 @@ def causal_side_context(s: torch.Tensor, ctx: dict, cfg, rotary=None, cache=None
     if rotary is not None:
         sctx["rope"] = rotary(s, pos)
     return sctx
+
+
+@torch.no_grad()
+def side_decoder_masks(s: torch.Tensor, memory: torch.Tensor, memory_mask, cfg, cache=None) -> dict:
+    """An encoder-decoder's side decoder context: causal self-attention at the side config (with its own
+    EncoderDecoderCache when decoding) and cross-attention to memory, the side encoder output B×Ts×d'."""
+    self_cache = None if cache is None else cache.self_attention_cache
+    return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=None, past_key_values=self_cache),
+            "cross_mask": create_bidirectional_mask(config=cfg, inputs_embeds=s, attention_mask=memory_mask,
+                                                    encoder_hidden_states=memory),
+            "memory": memory, "cache": cache}
 
 
 def has_submodule(block: nn.Module, path: str) -> bool:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from .base import Backbone, Context, UnsupportedModel, residual_sublayer
-from .side_network import PruneGroup, SideNetworkHooks, build_block, has_submodule, nearest_width, norm_step
+from .side_network import (PruneGroup, SideNetworkHooks, build_block, has_submodule, nearest_width, norm_step,
+                           side_decoder_masks)
 
 
 class T5Backbone(SideNetworkHooks, Backbone):
@@ -109,14 +110,6 @@ class T5Backbone(SideNetworkHooks, Backbone):
         dec = self.model.decoder
         return dec.dropout((norm or dec.final_layer_norm)(h))
 
-    def finish(self, h, ctx):
-        """Encoder output → the decoder's finished states B×Tt×d (the whole encoder-decoder pass)."""
-        memory = self.finish_encoder(h)
-        d, dctx = self.decoder_embed(ctx["batch"], memory, ctx["token_mask"])
-        for i in range(len(self.decoder_blocks)):
-            d = self.run_decoder_block(i, d, dctx)
-        return self.finish_decoder(d)
-
     def pool(self, h, ctx):
         return h[:, 0]  # the start position's decoder output: B×d
 
@@ -211,16 +204,10 @@ class T5Backbone(SideNetworkHooks, Backbone):
         return {"mask": mask, "memory": None, "cross_mask": None, "cache": None,
                 "position_bias": None, "cross_bias": None}
 
-    @torch.no_grad()
     def side_decoder_context(self, s, memory, memory_mask, cfg, cache=None):
-        """Side decoder stack: causal self-attention (with its own EncoderDecoderCache when decoding) and
-        cross-attention to memory, the side encoder output B×Ts×d'."""
-        self_cache = None if cache is None else cache.self_attention_cache
-        return {"mask": create_causal_mask(config=cfg, inputs_embeds=s, attention_mask=None,
-                                           past_key_values=self_cache),
-                "cross_mask": create_bidirectional_mask(config=cfg, inputs_embeds=s, attention_mask=memory_mask,
-                                                        encoder_hidden_states=memory),
-                "memory": memory, "cache": cache, "position_bias": None, "cross_bias": None}
+        """Side decoder stack: causal self-attention and cross-attention to memory (side_network.py), plus the
+        two relative biases the first side decoder block makes."""
+        return {**side_decoder_masks(s, memory, memory_mask, cfg, cache), "position_bias": None, "cross_bias": None}
 
     def run_side_block(self, block, s, sctx):
         s, sctx["position_bias"], sctx["cross_bias"] = block(

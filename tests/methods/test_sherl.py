@@ -12,7 +12,7 @@ from memtune.methods.sherl import MTSA, SHERLConfig, collected_blocks, layer_wei
 from memtune.methods.sherl.mtsa import GatedProjection
 from memtune.models import load_model
 
-FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-modernbert", "tiny-deberta-v2", "tiny-phi3", "tiny-gpt-neox", "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-bart", "tiny-mbart"]
+FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-modernbert", "tiny-deberta-v2", "tiny-phi3", "tiny-gpt-neox", "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-bart", "tiny-mbart", "tiny-swin"]
 
 
 

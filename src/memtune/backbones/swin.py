@@ -6,10 +6,10 @@ joins each 2×2 patch neighbourhood: tokens /4, width ×2. The stack ends with a
 over all tokens (HF's pooler); there is no [CLS] token.
 
 The blocks (HF `SwinLayer`s) are one flat list in stage order, and the width changes per stage, so the
-backbone states its stages (`stage_starts`, `block_widths`, base.py) and sets `one_width = False`: methods
-whose side modules have one width d (SHERL) are refused through the missing "one_width" capability, and LST,
-QST (side networks of width d/r) and MEFT (reversible couplings of width d) through "side_network" and
-"sublayers", which Swin does not declare.
+backbone states its stages (`stage_starts`, `block_widths`, base.py), declares the "stages" capability (SHERL
+then pools and projects each stage's outputs to its guide's grid and width) and sets `one_width = False`: LST,
+QST (side networks of width d/r) and MEFT (reversible couplings of width d) are refused through "side_network"
+and "sublayers", which Swin does not declare.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class SwinBackbone(Backbone):
     ia3_feedforward = ("mlp.fc2",)
     # The blocks' sub-layer outputs; the patch merging's `reduction` is a stage transition, not a site.
     adapter_sites = ("attention.o_proj", "mlp.fc2")
-    capabilities = frozenset({"encoder", "single_stack"})
+    capabilities = frozenset({"encoder", "single_stack", "stages"})   # stages: base.py "stages" section
     one_width = False
     token_layout = "grid"                 # every token is a patch-grid cell (no [CLS]); the grid shrinks per stage
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
-from ..base import MethodConfig, check
+from ..base import ConfigError, MethodConfig, check
 from ..common.compact_linear import TAP_STORAGES
 from ..common.trunk_cache import TrunkCacheOptions
 
@@ -22,7 +22,10 @@ RECIPES = {
     # d = embed_size/2 (D/2 here), every output collected, lr 5e-4.
     "vse-text": dict(r=2, projection="linear-ln", restore="linear-ln", init="pytorch", drop_every=0, lr=5e-4),
     # CLIP-ViL fork (a 12-layer transformer over grid features): gated P_l, Linear U, N(0, 0.02²), d = D/2,
-    # every output collected, lr 5e-4.
+    # every output collected, lr 5e-4. Also the auto recipe of Swin (a grid encoder): the released VSE∞ image
+    # fork, the one that ran on a hierarchical backbone, is a retrieval recipe with a CNN's conv/BN modules;
+    # what memtune takes from it is its per-stage pooling and projection (stages.py), while P_l, U, init and
+    # d = D_g/2 (D_g: the guide's width) come from this, the vision-classification fork.
     "clip-vil": dict(r=2, projection="gated", restore="linear", init="normal-0.02", drop_every=0, lr=5e-4),
 }
 
@@ -50,9 +53,15 @@ class SHERLConfig(TrunkCacheOptions, MethodConfig):
     "int8"; methods/common/compact_linear.py). trunk_dropout: the early route runs in the module's train
     mode (default, as the paper); false runs it in eval mode, deterministic, as cache_trunk needs on a
     backbone with dropout. cache_*: the trunk cache of the early route (methods/common/trunk_cache.py;
-    bert, vit, llama)."""
+    bert, vit, llama; refused on hierarchical backbones such as Swin, whose features differ per stage).
+    On Swin the early outputs are pooled and projected to the guide's grid and width (stages.py) and
+    late_layers is at most the depth of the last stage."""
     name = "sherl"
-    requires = ("one_width",)          # the MTSA mixes every early output at one width D (not Swin)
+    # The MTSA mixes the early outputs at one width: the backbone has one ("one_width"), or it declares its
+    # stages ("stages", Swin), whose outputs are pooled and projected to the guide's grid and width. A
+    # disjunction, which `requires` (a conjunction) cannot state: see supported_families / check_family.
+    requires = ()
+    requires_one_of: ClassVar[tuple[str, ...]] = ("one_width", "stages")
     default_lr = 5e-4
     recipe: str = "auto"                # the released fork to follow (RECIPES)
     r: Optional[int] = None             # side width d = hidden_size // r (None: the recipe's)
@@ -73,6 +82,20 @@ class SHERLConfig(TrunkCacheOptions, MethodConfig):
 
         bb = next(c for c in FAMILIES.values() if c.family == family)
         return RECIPES[auto_recipe(bb.is_encoder_decoder, bb.token_layout)]["lr"]
+
+    @classmethod
+    def supported_families(cls) -> list[str]:
+        """Families with one width or declared stages (`requires_one_of`), in registry order."""
+        from ...backbones import FAMILIES
+
+        return list(dict.fromkeys(c.family for c in FAMILIES.values() if set(cls.requires_one_of) & c.capabilities))
+
+    def check_family(self, backbone) -> None:
+        super().check_family(backbone)
+        if not set(self.requires_one_of) & backbone.capabilities:
+            raise ConfigError(f"method {self.name!r} does not support the {backbone.family} family (it needs one of "
+                              f"the capabilities {', '.join(map(repr, self.requires_one_of))}); "
+                              f"supported families: {', '.join(self.supported_families())}")
 
     def resolved(self, backbone) -> dict:
         """r, projection, restore, init, drop_every for `backbone`: the explicit options over the recipe's."""

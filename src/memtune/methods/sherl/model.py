@@ -32,6 +32,13 @@ Choices where the description leaves room (each is tested in tests/methods/test_
   of the pretrained decoder final norm. memtune's T5 is used for classification (start-position state →
   head), so the released code's tied LM head × D^-1/2 does not apply. Trainable count (gated P, n features
   per MTSA): Σ_MTSA [n·(D·d + d + 2(d² + d)) + (d + 1) + (d·D + D) + 1] + 2·D.
+- Hierarchical backbones (several stages, `backbone.stage_starts`; Swin), in the form of the released VSE∞
+  ResNeXt fork (stages.py): the collected outputs are the blocks' in-stage outputs (before a patch merging),
+  each max+avg pooled to the guide's grid and, where its width differs, projected to the guide's width D_g
+  by a trainable Linear → LayerNorm; the MTSA then runs at D_g (d = D_g // r). The late blocks must lie in
+  one stage (a ConfigError otherwise); when the guide's block ends a stage, its frozen transition runs on X̃,
+  on the gradient path, before the late blocks. Then the backbone's final norm and pooling, as above. The
+  trunk cache is refused there (its rows hold features of one shape, and these differ in width per stage).
 """
 from __future__ import annotations
 
@@ -39,9 +46,10 @@ import torch
 from torch import nn
 
 from ...backbones import families_with
-from ..base import MemtuneModel, check
+from ..base import ConfigError, MemtuneModel, check
 from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
-from .mtsa import MTSA
+from .mtsa import MTSA, init_linears
+from .stages import StageProjection, early_route_in_stages, pool_to_grid
 
 
 def collected_blocks(num_early: int, drop_every: int) -> list[int]:
@@ -55,17 +63,21 @@ def collected_blocks(num_early: int, drop_every: int) -> list[int]:
 class SHERLModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
-        D = backbone.hidden_size
-        recipe = config.resolved(backbone)                    # r, projection, restore, init, drop_every
-        d = D // recipe["r"]
-        check(d >= 1, f"sherl.r={recipe['r']} leaves a side width of 0 for hidden size {D}; allowed: 1..{D}")
         encoder_decoder = backbone.is_encoder_decoder
-        drop_every = recipe["drop_every"]
         depth = len(backbone.output_blocks)
         check(config.late_layers < depth,
               f"sherl.late_layers={config.late_layers} leaves no early layer in this {depth}-layer "
               f"{'decoder' if encoder_decoder else 'stack'}; allowed: 1..{depth - 1}")
         self.num_early = depth - config.late_layers          # blocks of the output stack run without a graph
+        self.hierarchical = len(backbone.stage_starts) > 1    # stages of their own width and grid (Swin)
+        if self.hierarchical:
+            self._check_late_stage(backbone, config.late_layers, depth)
+        # The MTSA's width: the guide's (the last early block's; the one width D elsewhere).
+        D = backbone.block_widths[self.num_early - 1] if self.hierarchical else backbone.hidden_size
+        recipe = config.resolved(backbone)                    # r, projection, restore, init, drop_every
+        d = D // recipe["r"]
+        check(d >= 1, f"sherl.r={recipe['r']} leaves a side width of 0 for hidden size {D}; allowed: 1..{D}")
+        drop_every = recipe["drop_every"]
         self.side_width = d
 
         def mtsa(n):
@@ -81,12 +93,43 @@ class SHERLModel(MemtuneModel):
             # replaces the decoder's final norm.
             self.encoder_side_norm = backbone.side_norm(D, backbone.stack_config())
             self.side_norm = backbone.side_norm(D, backbone.stack_config(decoder=True))
+        if self.hierarchical:
+            self._build_stage_projections(backbone, D, recipe["init"], config.tap_storage)
         if config.cache_trunk:
+            check(not self.hierarchical,
+                  f"sherl.cache_trunk is not supported on {backbone.family} backbones: their collected features "
+                  "differ in width per stage, and a trunk-cache row holds features of one shape; "
+                  "use cache_trunk=false")
             *others, last = families_with(("single_stack",))
             check(not encoder_decoder, f"sherl.cache_trunk is supported for {', '.join(others)} and {last} backbones, "
                                        f"not {backbone.family}")
             check_trunk_deterministic("sherl", [backbone], config.trunk_dropout)
         self.trunk_cache = config.make_trunk_cache()
+
+    @staticmethod
+    def _check_late_stage(backbone, late_layers: int, depth: int) -> None:
+        """The late blocks must share one stage: X̃ has one width and grid, and the MTSA cannot feed a route
+        that changes both halfway."""
+        last_stage = backbone.stage_of(depth - 1)
+        in_last = depth - backbone.stage_starts[last_stage]
+        if backbone.stage_of(depth - late_layers) != last_stage:
+            first = depth - late_layers
+            raise ConfigError(
+                f"sherl.late_layers={late_layers} would make the late route (blocks {first}..{depth - 1}) span a "
+                f"stage transition of this {backbone.family} backbone (stages start at blocks "
+                f"{', '.join(map(str, backbone.stage_starts))}); allowed: 1..{in_last}, the blocks of its last stage")
+
+    def _build_stage_projections(self, backbone, D: int, init: str, tap_storage: str) -> None:
+        """One Linear → LayerNorm (d_s → D) per collected feature whose width d_s is not the guide's D
+        (stages.py)."""
+        widths = backbone.block_widths
+        # The collected features in MTSA order: the embedding (stage 0's width), then the tapped blocks.
+        self.feature_names = ["embed"] + [f"block{i}" for i in self.taps]
+        feature_widths = [widths[0]] + [widths[i] for i in self.taps]
+        self.guide_stage = backbone.stage_of(self.num_early - 1)
+        self.stage_proj = nn.ModuleDict({name: StageProjection(w, D, tap_storage)
+                                         for name, w in zip(self.feature_names, feature_widths) if w != D})
+        init_linears(self.stage_proj, init)
 
     @property
     def late_blocks(self) -> list[nn.Module]:
@@ -103,6 +146,8 @@ class SHERLModel(MemtuneModel):
         bb = self.backbone
         if bb.is_encoder_decoder:
             return self._encoder_decoder_features(batch)
+        if self.hierarchical:
+            return self._stage_features(batch)
         with torch.no_grad(), trunk_eval_mode(bb, not self.method_config.trunk_dropout):
             h, ctx = bb.embed(batch)
             mask = ctx.get("token_mask")
@@ -118,6 +163,23 @@ class SHERLModel(MemtuneModel):
             feats = cached_trunk(cache, batch, mask, bb.input_keys, compute, h)
             feats = [h if real is None else h * real] + feats
         x = self.mtsa(feats)                                   # X̃: B×K×D, the only graph so far
+        for i in range(self.num_early, bb.num_layers):
+            x = bb.run_block(i, x, ctx)                        # frozen weights, gradient flows through
+        h = bb.finish(x, ctx)
+        return h if self.per_token else bb.pool(h, ctx)
+
+    def _stage_features(self, batch):
+        """Hierarchical backbones: in-stage outputs pooled (no graph) and projected to the guide's grid and width."""
+        bb = self.backbone
+        with torch.no_grad(), trunk_eval_mode(bb, not self.method_config.trunk_dropout):
+            h, ctx = bb.embed(batch)                           # B×T_0×d_0
+            outs = [(0, h)] + early_route_in_stages(bb, h, ctx, self.taps, self.num_early)
+            target = bb.stage_grid(self.guide_stage, ctx)     # the guide's (rows, cols)
+            pooled = [pool_to_grid(f, bb.stage_grid(s, ctx), target) for s, f in outs]   # B×T_g×d_s each
+        feats = [self.stage_proj[name](f) if name in self.stage_proj else f        # B×T_g×D each
+                 for name, f in zip(self.feature_names, pooled)]
+        x = self.mtsa(feats)                                   # X̃: B×T_g×D, the only graph so far
+        x = bb.stage_transition(self.num_early - 1, x, ctx)    # frozen; the identity unless the guide ends a stage
         for i in range(self.num_early, bb.num_layers):
             x = bb.run_block(i, x, ctx)                        # frozen weights, gradient flows through
         h = bb.finish(x, ctx)

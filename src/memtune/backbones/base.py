@@ -75,8 +75,10 @@ class Backbone(nn.Module):
     is_encoder_decoder: ClassVar[bool] = False
     # What the family offers, for methods to require (MethodConfig.requires): "encoder" (one bidirectional
     # stack), "decoder" (one causal stack), "encoder_decoder", "single_stack" (encoder or decoder),
-    # "sublayers" (attention_sublayer / ffn_sublayer), "side_network" (the side-network hooks LST and QST use),
-    # "one_width" (every block has the same width d: granted from `one_width` below, not listed by hand).
+    # "sublayers" (attention_sublayer / ffn_sublayer), "decoder_sublayers" (an encoder-decoder's self-attention,
+    # cross-attention and FFN sub-layers), "side_network" (the side-network hooks LST and QST use), "stages"
+    # (hierarchical stages with their own width and grid, below), "one_width" (every block has the same width d:
+    # granted from `one_width` below, not listed by hand).
     capabilities: ClassVar[frozenset[str]] = frozenset()
     # False for hierarchical backbones whose width changes per stage (Swin); they then lack "one_width", which
     # the methods whose side modules have one width d require.

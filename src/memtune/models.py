@@ -3,6 +3,10 @@
 `load_model(name)` returns a `LoadedModel`: the Hugging Face module the backbone adapter wraps
 (base encoder, T5Model, or XForCausalLM for decoders), its tokenizer or image processor, and the
 name recorded in checkpoints. Nothing is downloaded unless `name` is a hub id.
+
+`VISION+TEXT` (e.g. `dinov2-s+minilm`, `tiny-vit+tiny-t5`) loads both parts, each by any of the names above, and
+composes them (`backbones/image_text.py`): modality "image_text", preprocessor an `ImageTextProcessor` (the
+text part's tokenizer with the vision part's image processor, which sizes the images).
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ class ModelError(ValueError):
 class LoadedModel:
     name: str            # alias, path or hub id as given (recorded in checkpoints)
     model: Any           # transformers PreTrainedModel
-    preprocessor: Any    # tokenizer (text) or image processor (vision); None if not needed
-    modality: str        # "text" | "image"
+    preprocessor: Any    # tokenizer (text), image processor (vision), both (image_text); None if not needed
+    modality: str        # "text" | "image" | "image_text"
 
 
 # -- tiny random-weight models (seeded, so every process builds the same weights) ---------------------
@@ -105,8 +109,13 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementa
         model, pre, modality = build_tiny(name)
         return LoadedModel(name, model.to(dtype), pre, modality)
     if name in TINY_COMPOSITIONS:     # two tiny aliases, vision beside text (backbones/image_text.py)
-        vision, text = (load_model(part, dtype=dtype) for part in TINY_COMPOSITIONS[name])
-        return LoadedModel(name, compose(vision, text), text.preprocessor, text.modality)
+        return load_composition(name, *TINY_COMPOSITIONS[name], dtype=dtype)
+    if "+" in name and not os.path.exists(name):
+        parts = [part.strip() for part in name.split("+")]
+        if len(parts) != 2 or not all(parts):
+            raise ModelError(f"model {name!r}: an image-text composition is VISION+TEXT, two model names joined by "
+                             "one '+' (e.g. dinov2-s+minilm)")
+        return load_composition(name, *parts, dtype=dtype, attn_implementation=attn_implementation)
     if name in REAL:
         from . import assets
 
@@ -135,6 +144,21 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementa
         return _load_pretrained(name, path, dtype, attn_implementation)
     except OSError as e:                     # transformers reports missing files and hub failures as OSError
         raise ModelError(_not_loadable(name, path, e)) from None
+
+
+def load_composition(name: str, vision_name: str, text_name: str, *, dtype: torch.dtype = torch.float32,
+                     attn_implementation: str | None = None) -> LoadedModel:
+    """A vision model beside a text model as one image-text LoadedModel named `name`."""
+    from .data.image_text_collate import ImageTextProcessor
+
+    vision, text = (load_model(part, dtype=dtype, attn_implementation=attn_implementation)
+                    for part in (vision_name, text_name))
+    for part, want in ((vision, "image"), (text, "text")):
+        if part.modality != want:
+            raise ModelError(f"model {name!r}: in VISION+TEXT, {part.name!r} must be a{'n' if want == 'image' else ''} "
+                             f"{want} model, it reads {part.modality}")
+    return LoadedModel(name, compose(vision, text), ImageTextProcessor(text.preprocessor, vision.preprocessor),
+                       "image_text")
 
 
 # A hub id is `org/name` (or a bare legacy `name`, which memtune does not look up): letters, digits, - _ .

@@ -53,7 +53,8 @@ class TrainArgs:
     # Each field's metadata (help, choices) is its command-line flag (`memtune.cli.fields`).
     model: str = field(metadata={"help": "bundled alias (minilm, dinov2-s, tiny-bert, ...), folder or hub id"})
     task: str = field(metadata={"help": "rotten-tomatoes, fashion-mnist, digits, mnist-5k, drug-reviews, csv:PATH, "
-                                        "jsonl:PATH, an image folder, or glue/<name>, super_glue/<name>, "
+                                        "jsonl:PATH, an image folder, digits-vqa / fashion-vqa[/template] "
+                                        "(image + text models), or glue/<name>, super_glue/<name>, "
                                         "vtab/<name> from --data-dir (docs/data.md)"})
     method: str = "lora"
     options: dict = field(default_factory=dict)       # method options, e.g. {"r": "16"}

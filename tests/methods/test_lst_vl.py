@@ -1,4 +1,4 @@
-"""LST-VL (the VL spec §2; mode A "side_only" of §4) on tiny-vl-t5 (tiny-vit beside tiny-t5): the spec's §5 checks
+"""LST-VL (docs/methods/vl.md §2) on tiny-vl-t5 (tiny-vit beside tiny-t5): the checks of §2.1
 1-8, and the composition (`backbones/image_text.py`). The checks that do not need a decoder also run on
 tiny-vl-bert (tiny-vit beside tiny-bert, classification)."""
 from __future__ import annotations

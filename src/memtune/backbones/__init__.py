@@ -54,6 +54,10 @@ def families_with(capabilities) -> list[str]:
 def family_class(config) -> type[Backbone]:
     """The backbone class of a Hugging Face config's model type, with no model built (planner facts)."""
     model_type = getattr(config, "model_type", None)
+    if model_type == "image_text":          # a composition (image_text.py): its text family's composed class
+        from .image_text import composed_family
+
+        return composed_family(config)
     if model_type not in FAMILIES:
         raise UnsupportedModel(
             f"model type {model_type!r} is not supported; supported model types: {', '.join(sorted(FAMILIES))}"

@@ -1,4 +1,4 @@
-"""Image + text composition: a frozen vision backbone beside a frozen text backbone (docs: the VL spec §4, mode A).
+"""Image + text composition: a frozen vision backbone beside a frozen text backbone (docs/methods/vl.md §4).
 
     model = compose(load_model("dinov2-s"), load_model("t5-base"), grid=6)    # or two Hugging Face modules
     lst = memtune.wrap(model, "lst")                                          # LST-VL, text-to-text
@@ -14,19 +14,35 @@ the vision backbone's patch-grid tokens after its final norm, adaptive-max-poole
 rows×cols patch grid to grid×grid (LST's CLIP-T5 pools to 6×6 = 36 tokens). A method that feeds them to a side
 network appends them after the text positions of its side sequence; `side_context` then extends the side
 padding mask with ones, and the T5 form keeps the side relative position bias on the text-text block only.
+
+**Mode B, the visual prefix** (docs/methods/vl.md §4), for the methods that run the text backbone's own forward (full,
+LoRA, IA3, adapters, BitFit: `MemtuneModel.visual_prefix`):
+
+    backbone.add_visual_prefix()              # done by MemtuneModel for those methods; LST never calls it
+    h, ctx = backbone.embed(batch)            # h: B×(V+T)×d = [e_v ; text embedding output]
+
+e_v = VisualEmbedding(v) (d_v → d, Linear + the text family's norm + a type vector + per-index codes;
+`visual_embedding.py`), after the embedding dropout; ctx "token_mask" becomes [ones(V) ; text mask] and the
+attention mask is rebuilt over V+T, so T5's encoder and decoder cross-attention and BERT's mean pooling see
+the visual positions. T5: the prefix is the encoder input (embed_tokens output); BERT: it follows the
+embeddings module (positions, token types and its LayerNorm apply to the text only). The prefix trains under
+every method, the vision encoder under none: `always_trainable` / `never_trainable`, honoured by
+`MemtuneModel.trains`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 
 from .base import Backbone, UnsupportedModel
 from .bert import BertLikeBackbone
 from .t5 import T5Backbone
+from .visual_embedding import VisualEmbedding
 
 # Tiny compositions for tests and smoke runs: alias → (vision alias, text alias) of `memtune.models`.
 TINY_COMPOSITIONS = {"tiny-vl-t5": ("tiny-vit", "tiny-t5"), "tiny-vl-bert": ("tiny-vit", "tiny-bert")}
@@ -58,11 +74,16 @@ class ImageTextModel(nn.Module):
 
     def memtune_backbone(self) -> Backbone:
         """The composed backbone over these modules (the text family's adapter with visual tokens)."""
-        text_type = getattr(self.text_model.config, "model_type", None)
-        if text_type not in COMPOSED_FAMILIES:
-            raise UnsupportedModel(f"compose: text model type {text_type!r} has no image-text composition; "
-                                   f"supported text model types: {', '.join(sorted(COMPOSED_FAMILIES))}")
-        return COMPOSED_FAMILIES[text_type](self)
+        return composed_family(self.config)(self)
+
+
+def composed_family(config: ImageTextConfig) -> type["ImageTextBackbone"]:
+    """The composed backbone class of a composition's config: its text family's (`backbones.family_class`)."""
+    text_type = getattr(config.text_config, "model_type", None)
+    if text_type not in COMPOSED_FAMILIES:
+        raise UnsupportedModel(f"compose: text model type {text_type!r} has no image-text composition; "
+                               f"supported text model types: {', '.join(sorted(COMPOSED_FAMILIES))}")
+    return COMPOSED_FAMILIES[text_type]
 
 
 def _module_and_name(model) -> tuple[nn.Module, str]:
@@ -90,6 +111,13 @@ class ImageTextBackbone(Backbone):
     The protocol (embed, blocks, decoder stack, finish, pool, side hooks) is the text family's, over the text
     module (`self.model`); the vision backbone is `self.vision`, read only by `visual_tokens`."""
 
+    # Parameter-name prefixes (relative to the backbone) that override every method's trainable rule
+    # (`MemtuneModel.trains`): the visual prefix always trains (the official VL code trains its visual embedding
+    # under every method), the vision encoder never does (it runs without autograd).
+    always_trainable: ClassVar[tuple[str, ...]] = ("visual_prefix.",)
+    never_trainable: ClassVar[tuple[str, ...]] = ("vision.",)
+    prefix_norm: ClassVar[str] = "rms"          # the text family's norm type, for the prefix's Norm
+
     def __init__(self, composed: ImageTextModel):
         from . import backbone_for
 
@@ -100,6 +128,42 @@ class ImageTextBackbone(Backbone):
                                    f"(ViT, DINOv2); {vision.family} has token layout {vision.token_layout!r}")
         self.vision = vision
         self.grid = composed.config.grid
+        self.visual_prefix: VisualEmbedding | None = None      # mode B; see add_visual_prefix
+
+    @property
+    def prefix_eps(self) -> float:
+        """The epsilon of the text family's norms, used by the prefix's norm."""
+        raise NotImplementedError
+
+    @property
+    def prefix_mask_config(self):
+        """The config the text family builds its encoder attention mask from."""
+        raise NotImplementedError
+
+    def add_visual_prefix(self) -> None:
+        """Mode B: from now on `embed` returns [e_v ; text] (see the module docstring). Idempotent."""
+        if self.visual_prefix is None:
+            ref = next(self.model.parameters())
+            self.visual_prefix = VisualEmbedding(self.visual_width, self.hidden_size, self.visual_length,
+                                                 eps=self.prefix_eps, norm=self.prefix_norm,
+                                                 what="visual prefix").to(ref.device, ref.dtype)
+
+    def embed(self, batch):
+        """The text family's embed; with the visual prefix: h B×(V+T)×d = [drop(e_v) ; h_text], the token mask
+        [ones(V) ; text mask] (B×(V+T)) and the attention mask rebuilt over it."""
+        h, ctx = super().embed(batch)                                        # B×T×d, the family's ctx
+        if self.visual_prefix is None:
+            return h, ctx
+        e_v = self.visual_prefix(self.visual_tokens(batch)).to(h.dtype)     # B×V×d; grad reaches the prefix only
+        e_v = F.dropout(e_v, self.hidden_dropout, self.training)
+        text_mask = ctx["token_mask"]                                        # B×T
+        mask = torch.cat([text_mask.new_ones(text_mask.shape[0], e_v.shape[1]), text_mask], dim=1)   # B×(V+T)
+        h = torch.cat([e_v, h], dim=1)
+        ctx["token_mask"] = mask
+        ctx["attn_mask"] = create_bidirectional_mask(config=self.prefix_mask_config, inputs_embeds=h,
+                                                     attention_mask=mask)
+        ctx["visual_prefix_length"] = e_v.shape[1]
+        return h, ctx
 
     @property
     def visual_width(self) -> int:
@@ -128,6 +192,16 @@ class ImageTextBackbone(Backbone):
         pooled = F.adaptive_max_pool2d(grid, self.grid)                       # B×d_v×grid×grid
         return pooled.flatten(2).transpose(1, 2)                              # B×V×d_v
 
+    def planning_batch(self, config, batch_size, max_length, image_size=None, dtype=torch.float32, device="meta",
+                       **kwargs):
+        """The text family's planned inputs plus pixel_values B×3×S×S (zeros), S = image_size or the vision
+        config's. An instance method here, unlike the families' class methods: the image size is the vision
+        part's (the memory techniques call it on the backbone, e.g. gradient checkpointing's dry run)."""
+        batch = super().planning_batch(config, batch_size, max_length, dtype=dtype, device=device, **kwargs)
+        size = image_size or self.vision.config.image_size
+        batch["pixel_values"] = torch.zeros(batch_size, 3, size, size, dtype=dtype, device=device)
+        return batch
+
     def example_batch(self, batch_size, length, device=None):
         """The text family's batch plus pixel_values B×3×S×S in [0, 1], S the vision config's image size."""
         batch = super().example_batch(batch_size, length, device)
@@ -155,6 +229,14 @@ class T5ImageTextBackbone(ImageTextBackbone, T5Backbone):
     capabilities = T5Backbone.capabilities | {"visual_side_tokens"}
     input_keys = (*T5Backbone.input_keys, "pixel_values")
 
+    @property
+    def prefix_eps(self):
+        return self.config.layer_norm_epsilon
+
+    @property
+    def prefix_mask_config(self):
+        return self.model.encoder.config
+
     def run_side_block(self, block, s, sctx):
         T = sctx.get("text_length")
         if T is not None and sctx["position_bias"] is None:       # the first side block of the side encoder
@@ -180,6 +262,15 @@ class BertImageTextBackbone(ImageTextBackbone, BertLikeBackbone):
     outputs B×(T+V)×d is the mean over the real text tokens and the V visual tokens."""
     capabilities = BertLikeBackbone.capabilities | {"visual_side_tokens"}
     input_keys = (*BertLikeBackbone.input_keys, "pixel_values")
+    prefix_norm = "layer"
+
+    @property
+    def prefix_eps(self):
+        return self.config.layer_norm_eps
+
+    @property
+    def prefix_mask_config(self):
+        return self.config
 
     def pool(self, h, ctx):
         mask = ctx["token_mask"]                                             # B×T

@@ -26,7 +26,7 @@ class Task:
     """
 
     name: str
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "image_text" (an image and a question: data/vqa_task.py)
     train: list[dict] = field(default_factory=list)
     test: list[dict] = field(default_factory=list)
     label_names: list[str] = field(default_factory=list)

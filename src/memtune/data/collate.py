@@ -33,7 +33,7 @@ def make_collate(
     regression: bool = False,
     label_targets: list[list[int]] | None = None,
 ):
-    """Build the collate function for ``task_kind`` ("text" or "image").
+    """Build the collate function for ``task_kind`` ("text", "image" or "image_text").
 
     text:  ``preprocessor`` is a tokenizer. Returns input_ids and attention_mask
            (B, L) (plus token_type_ids when the tokenizer makes them) and labels:
@@ -50,6 +50,9 @@ def make_collate(
            truncation shortens the longer text first.
     image: ``preprocessor`` is an image processor or None. Returns pixel_values
            (B, 3, S, S) float32 and labels (B,).
+    image_text: the question as text plus the image (``image_text_collate``): ``preprocessor`` is an
+           ``ImageTextProcessor`` (tokenizer + the vision model's image processor, which sizes and normalises
+           the image unless ``image_size`` is given) or a bare tokenizer (ImageNet mean/std, size 224).
     """
     if task_kind == "text":
         if preprocessor is None:
@@ -69,7 +72,15 @@ def make_collate(
             raise TaskError(f"image_size must be a positive integer, got {size!r}")
         mean, std = processor_mean_std(preprocessor)
         return ImageCollator(size, mean, std)
-    raise TaskError(f"unknown task kind {task_kind!r}; expected 'text' or 'image'")
+    if task_kind == "image_text":
+        from .image_text_collate import ImageTextCollator, split_preprocessor
+
+        tokenizer, image_processor = split_preprocessor(preprocessor)
+        text = make_collate("text", tokenizer, max_length=max_length, pad_to_max_length=pad_to_max_length,
+                            causal_lm=causal_lm, regression=regression, label_targets=label_targets)
+        return ImageTextCollator(text, make_collate("image", image_processor, image_size=image_size))
+    raise TaskError(f"unknown task kind {task_kind!r}; expected 'text' or 'image', or 'image_text' (an image with "
+                    "a question)")
 
 
 # ---------------------------------------------------------------------------- text

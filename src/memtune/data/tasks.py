@@ -4,6 +4,8 @@ Names:
   * a bundled name from ``TASKS`` (fixed train/test splits);
   * ``csv:PATH`` / ``jsonl:PATH`` for user text data;
   * a path to a directory of class sub-folders for user images;
+  * ``digits-vqa`` / ``fashion-vqa`` (optionally ``/<template>``): the generated VQA tasks, kind "image_text"
+    (``vqa_task``);
   * ``glue/<name>``, ``super_glue/<name>``, ``vtab/<name>`` from the user's local copy (``data_dir=`` or
     ``MEMTUNE_DATA_DIR``; see ``suites`` and docs/data.md).
 """
@@ -19,6 +21,7 @@ from .image_folder import IMAGE_SUFFIXES, load_image_folder
 from .splits import carve_validation, check_limit, random_subset, stratified_subset
 from .suites import is_suite_name, load_suite, suite_names
 from .user_files import build_text_task, read_csv, read_jsonl
+from .vqa_task import is_vqa_name, load_vqa_as_task, vqa_task_names
 
 # name -> (kind, reader, one-line description)
 _BUNDLED = {
@@ -59,7 +62,8 @@ def _unknown(name) -> TaskError:
         f"unknown task {name!r}; use one of: {known}; or 'csv:PATH' / 'jsonl:PATH' for a text "
         f"file with text and label columns; or the path of an image folder with one sub-folder "
         f"per class ({'/'.join(IMAGE_SUFFIXES)} files); or glue/<name>, super_glue/<name>, vtab/<name> from a "
-        f"local copy given by --data-dir"
+        f"local copy given by --data-dir; or a generated VQA task ({', '.join(vqa_task_names())}, optionally "
+        f"/<template> such as digits-vqa/B1)"
     )
 
 
@@ -102,6 +106,8 @@ def load_task(
         train, test, label_names = reader()
         task = Task(name=key, kind=kind, train=[dict(ex) for ex in train],
                     test=[dict(ex) for ex in test], label_names=list(label_names))
+    elif is_vqa_name(key):
+        task = load_vqa_as_task(key)
     elif key.startswith(("csv:", "jsonl:")):
         prefix, _, path_text = raw.strip().partition(":")
         if not path_text:

@@ -138,10 +138,17 @@ class _AppliesTrainable(type):
 class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
     """A backbone, a method's trainable parts and a head. Call it like a transformers model."""
 
+    # Image-text compositions (backbones/image_text.py): True for methods whose features run the text backbone's
+    # own forward, which then reads the visual tokens as a trainable prefix (docs/methods/vl.md §4); methods with
+    # their own visual path (LST's side-only mode A) or none keep False, and the backbone never sees the image.
+    visual_prefix: ClassVar[bool] = False
+
     def __init__(self, backbone: Backbone, config: MethodConfig, num_labels: int | None = None):
         super().__init__()
         config.check_family(backbone)
         self.backbone = backbone
+        if self.visual_prefix and hasattr(backbone, "add_visual_prefix"):
+            backbone.add_visual_prefix()
         self.method_config = config
         self.base_name: str = ""
         self.objective = objective_for(backbone, num_labels)
@@ -176,18 +183,29 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
         the backbone, i.e. the head and the method's own modules."""
         return not name.startswith("backbone.")
 
+    def trains(self, name: str) -> bool:
+        """The rule applied: `is_trainable`, overridden by the backbone's `always_trainable` / `never_trainable`
+        name prefixes (an image-text composition: its visual prefix always trains, its vision encoder never)."""
+        if name.startswith("backbone."):
+            inner = name[len("backbone."):]
+            if inner.startswith(getattr(self.backbone, "never_trainable", ())):
+                return False
+            if inner.startswith(getattr(self.backbone, "always_trainable", ())):
+                return True
+        return self.is_trainable(name)
+
     def no_weight_decay(self) -> set[str]:
         """Names of trainable parameters the optimizer leaves without weight decay (default: none)."""
         return set()
 
     def apply_trainable(self) -> None:
-        """requires_grad from `is_trainable` on every parameter (done once the model is constructed)."""
+        """requires_grad from `trains` on every parameter (done once the model is constructed)."""
         for name, p in self.named_parameters():
-            p.requires_grad_(self.is_trainable(name))
+            p.requires_grad_(self.trains(name))
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The declared trainable parameters by name: what the optimizer updates and a checkpoint holds."""
-        return [(n, p) for n, p in self.named_parameters() if self.is_trainable(n)]
+        return [(n, p) for n, p in self.named_parameters() if self.trains(n)]
 
     def parameter_groups(self) -> list[dict]:
         """Optimizer parameter groups of the trainable parameters: `no_weight_decay()` in a group with

@@ -11,6 +11,8 @@ class BackboneFeatures(MemtuneModel):
     """features = pool(Backbone.forward(batch)): B×feature_size, or B×T×d finished token states (causal LM,
     seq2seq), through whatever the method injected into or hooked onto the backbone's modules."""
 
+    visual_prefix = True         # an image-text composition's visual tokens enter the backbone (docs/methods/vl.md §4)
+
     def features(self, batch):
         h, ctx = self.backbone(batch)
         return h if self.per_token else self.backbone.pool(h, ctx)

@@ -16,7 +16,7 @@ Forms (docs/methods/lst.md §3, §4):
   up-projected side decoder states go through the tied LM head, LMHead(o·d^-1/2) (`lm_logits`); `generate`
   decodes greedily or with beam search, with KV caches for the backbone decoder and the side decoder.
 
-- LST-VL (backbones with "visual_side_tokens", `backbones/image_text.py`; the VL spec §2): the backbone sees the
+- LST-VL (backbones with "visual_side_tokens", `backbones/image_text.py`; docs/methods/vl.md §2): the backbone sees the
   text only; the side encoder reads s = W0·drop([e ; e_v]) over T+V positions, e_v = the trainable visual
   embedding of the frozen visual tokens (visual.py), with ladders zero at the visual positions; the T5 side
   decoder cross-attends to all T+V side encoder positions. `generate` refuses it (it reads text only): decode
@@ -71,7 +71,7 @@ class LSTModel(MemtuneModel):
             self.rotary = backbone.make_side_rotary(self.side_configs[self._output_name])
             d_side = next(iter(self.stacks.values())).ladders["embed"].out_features
             self.up = small_normal_(nn.Linear(d_side, backbone.hidden_size))     # W_up: d' → d
-            # LST-VL (the VL spec §2): visual tokens join the side encoder only, after its text positions.
+            # LST-VL (docs/methods/vl.md §2): visual tokens join the side encoder only, after its text positions.
             self.visual = (self._visual_embedding(backbone, d_side) if "visual_side_tokens" in backbone.capabilities
                            else None)
         self.stacks.to(ref.dtype)

@@ -316,13 +316,15 @@ def test_resume_refuses_a_checkpoint_with_a_damaged_optimizer_file(tmp_path, csv
 
 
 # -- a side-network method on a family it does not support --------------------------------------------
-@pytest.mark.parametrize("method", ["dtl", "dtl+", "meft1", "meft2", "meft3"])
-def test_unsupported_family_names_the_supported_ones(method):
+@pytest.mark.parametrize("method,model,family", [("dtl", "tiny-t5", "t5"), ("dtl+", "tiny-t5", "t5"),
+                                                 ("meft1", "tiny-swin", "swin"), ("meft2", "tiny-swin", "swin"),
+                                                 ("meft3", "tiny-swin", "swin")])
+def test_unsupported_family_names_the_supported_ones(method, model, family):
     families = memtune.METHODS[method].supported_families()
-    assert "t5" not in families
+    assert family not in families
     with pytest.raises(ConfigError) as e:
-        memtune.wrap(memtune.load_model("tiny-t5"), method, num_labels=2)
-    assert f"does not support the t5 family; supported families: {', '.join(families)}" in str(e.value)
+        memtune.wrap(memtune.load_model(model), method, num_labels=2)
+    assert f"does not support the {family} family; supported families: {', '.join(families)}" in str(e.value)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -1,29 +1,95 @@
-"""A small real check of training on the offline VQA task (memtune issue #18): `memtune compare` on digits-vqa/B1
-(is this a {c}? yes/no; neither the question nor the image alone beats 0.5) with DINOv2-S beside MiniLM.
+"""Training on the offline VQA task (memtune issue #18), with its single-modality controls: `memtune compare` on
+digits-vqa/B1 ("is this a {c}?" yes/no: neither the question nor the image alone beats 0.5) with DINOv2-S beside
+MiniLM, then every trained run evaluated again with its images blanked and with its questions emptied
+(`memtune eval --ablate`; docs/methods/vl.md §5.11: a model that reads both modalities beats both controls by
+≥ 15 points, and the controls stay within 3 points of chance).
 
-    python benchmarks/vqa_compare.py [--methods full,lora,lst] [--max-steps 150] [--train-limit 1000]
+    python benchmarks/vqa_compare.py [--methods full,lora,lora+gc,lst,sherl] [--seeds 0,1,2] [--max-steps 150]
 
 The baselines read the image as a trainable prefix of the text backbone (docs/methods/vl.md §4 mode B); LST keeps it
-in its side network (mode A). Images are resized to 112 px (DINOv2's 14-px patches: an 8×8 grid, pooled to the
-6×6 visual tokens). Run folders go to runs/bench/vqa-digits-b1/; the records and the table are copied to
-benchmarks/vqa-digits-b1/. This is a check that the whole path learns on real weights, not a tuned result:
-above 0.5 on B1 needs both modalities.
+in its side network (mode A); SHERL reads a frozen prefix through its early route and adds a trainable visual
+projection before the late layer. Images are resized to 112 px (DINOv2's 14-px patches: an 8×8 grid, pooled to
+the 6×6 visual tokens). Run folders go to runs/bench/vqa-digits-b1/; the compare records, the controls and the
+table are written to benchmarks/vqa-digits-b1/. A rerun with other methods adds its rows to the records already
+there (a row of the same label is replaced), with the ratios to full recomputed over the joined rows.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from memtune.compare import add_ratios, markdown_table, settings_line  # noqa: E402
+from memtune.spec import parse_specs  # noqa: E402
+from memtune.sweep import ci95_half_width  # noqa: E402
+
 NAME = "vqa-digits-b1"
+CHANCE = 0.5                 # B1's rate for either modality alone (docs/methods/vl.md §6)
+MARGIN, NEAR_CHANCE = 0.15, 0.03
+ABLATIONS = ("image", "question")
+
+
+def run_folders(label: str, runs: Path, seeds: list[int]) -> list[Path]:
+    """The run folder of each seed of one compare row (compare's layout: <run_name>[/seed-N])."""
+    base = runs / parse_specs([label])[0].run_name
+    return [base / f"seed-{s}" for s in seeds] if len(seeds) > 1 else [base]
+
+
+def evaluate_ablated(folder: Path, ablation: str) -> float:
+    """Accuracy of the run in `folder` on its test split with one modality removed."""
+    settings = json.loads((folder / "metrics.json").read_text())["settings"]
+    out = subprocess.run([sys.executable, "-m", "memtune", "eval", "--model", settings["model"], "--adapter",
+                          str(folder), "--ablate", ablation, "--no-progress"], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["accuracy"]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    return sum(values) / len(values), ci95_half_width(values)
+
+
+def fmt(values: list[float]) -> str:
+    m, h = mean_ci(values)
+    return f"{m:.3f}" + (f" ± {h:.3f}" if h is not None else "")
+
+
+def control_rows(records: list[dict], runs: Path) -> list[dict]:
+    """Per trained row: accuracy with both modalities and under each ablation, per seed; the §5.11 verdicts."""
+    rows = []
+    for r in records:
+        if "error" in r:
+            continue
+        seeds = r.get("seeds") or [r["settings"]["seed"]]
+        both = r.get("accuracy_per_seed") or [r["accuracy"]]
+        row = {"label": r["label"], "seeds": seeds, "both": both}
+        for a in ABLATIONS:
+            print(f"  {r['label']}: --ablate {a}", file=sys.stderr, flush=True)
+            row[a] = [evaluate_ablated(f, a) for f in run_folders(r["label"], runs, seeds)]
+        worst_control = max(mean_ci(row[a])[0] for a in ABLATIONS)
+        row["beats_controls_by"] = mean_ci(both)[0] - worst_control
+        row["passes"] = bool(row["beats_controls_by"] >= MARGIN and
+                             all(abs(mean_ci(row[a])[0] - CHANCE) <= NEAR_CHANCE for a in ABLATIONS))
+        rows.append(row)
+    return rows
+
+
+def controls_table(rows: list[dict]) -> str:
+    head = ("| method | both modalities | image blanked | question emptied | margin over the better control | "
+            f"§5.11 (≥ {MARGIN * 100:.0f} pts; controls {CHANCE:.2f} ± {NEAR_CHANCE:.2f}) |\n|---|---|---|---|---|---|")
+    body = [f"| {r['label']} | {fmt(r['both'])} | {fmt(r['image'])} | {fmt(r['question'])} | "
+            f"{r['beats_controls_by'] * 100:+.1f} pts | {'yes' if r['passes'] else 'no'} |" for r in rows]
+    return "\n".join([head, *body])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="full,lora,lst")
+    parser.add_argument("--methods", default="full,lora,lora+gc,lst,sherl")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--max-steps", default="150")
     parser.add_argument("--train-limit", default="1000")
     parser.add_argument("--test-limit", default="300")
@@ -31,15 +97,29 @@ def main():
     runs = Path("runs/bench") / NAME
     out = HERE / NAME
     out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
     command = [sys.executable, "-m", "memtune", "compare", "--model", "dinov2-s+minilm", "--task", "digits-vqa/B1",
                "--image-size", "112", "--max-length", "24", "--batch-size", "16",
                "--train-limit", args.train_limit, "--test-limit", args.test_limit, "--max-steps", args.max_steps,
-               "--methods", args.methods, "--out", str(runs), "--json", str(out / "results.json"), "--no-progress"]
-    print(" ".join(command), flush=True)
+               "--methods", args.methods, "--out", str(runs), "--no-progress"]
+    command += ["--seeds", args.seeds] if len(seeds) > 1 else []
+    print(" ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
-    for name in ("results.md",):
-        if (runs / name).exists():
-            shutil.copy(runs / name, out / name)
+    new = json.loads((runs / "results.json").read_text())
+    new["controls"] = control_rows(new["records"], runs)
+    results = out / "results.json"
+    if results.exists():                      # join with the rows of earlier runs (same label: the new one)
+        old = json.loads(results.read_text())
+        labels = {r["label"] for r in new["records"]}
+        new["records"] = [r for r in old["records"] if r["label"] not in labels] + new["records"]
+        new["controls"] = [c for c in old.get("controls", []) if c["label"] not in labels] + new["controls"]
+        new["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
+        add_ratios(new["records"])
+    results.write_text(json.dumps(new, indent=2) + "\n")
+    table = (settings_line(new["records"]) + "\n\n" + markdown_table(new["records"]) +
+             "\n\nSingle-modality controls (mean ± 95 % half-width over seeds):\n\n" + controls_table(new["controls"]))
+    (out / "results.md").write_text(table + "\n")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -248,3 +248,40 @@ def test_cli_trains_text_to_text_on_the_t5_composition(capsys, tmp_path):
     assert "accuracy_scored" in metrics and "invalid_generations" in metrics
     for key in ("accuracy", "accuracy_scored", "invalid_generations"):
         assert evaluated[key] == metrics[key], key
+
+
+# -- single-modality controls (docs/methods/vl.md §5.11) -----------------------------------------------------------
+def test_ablation_removes_exactly_one_modality():
+    from memtune.data.vqa_task import ablate
+
+    examples = load_task("digits-vqa/B1", train_limit=4, test_limit=4).test
+    blank, mute = ablate(examples, "image"), ablate(examples, "question")
+    for ex, b, m in zip(examples, blank, mute):
+        assert b["image"].shape == ex["image"].shape and b["image"].dtype == ex["image"].dtype
+        assert not b["image"].any() and ex["image"].any()            # the original is left as it was
+        assert (b["text"], m["text"], m["label"]) == (ex["text"], "", ex["label"])
+        assert (m["image"] == ex["image"]).all()
+    loaded = memtune.load_model("tiny-vl-bert")
+    batch = make_collate("image_text", loaded.preprocessor, max_length=16)(mute)
+    assert (batch["input_ids"] == batch["input_ids"][:1]).all()       # the text carries nothing per example
+    with pytest.raises(TaskError, match="image, question"):
+        ablate(examples, "text")
+
+
+def test_eval_with_a_blank_image_scores_a_constant_prediction(capsys, tmp_path):
+    # C1 asks one question ("what is this?"): with every image blanked all test inputs are equal, so the model
+    # predicts one class for all, and the class-stratified test split (2 of each of 10 digits) scores 0.1.
+    train_and_eval(capsys, tmp_path, "tiny-vl-bert", "digits-vqa/C1", "lst")
+    assert main(["eval", "--model", "tiny-vl-bert", "--adapter", str(tmp_path / "lst"), "--ablate", "image",
+                 "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ablate"] == "image" and result["accuracy"] == pytest.approx(0.1)
+    assert main(["eval", "--model", "tiny-vl-bert", "--adapter", str(tmp_path / "lst"), "--task", "digits",
+                 "--ablate", "image", "--no-progress"]) == 2
+    assert "--ablate applies to image-text tasks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["qst", "dtl", "meft1"])
+def test_methods_that_never_read_the_image_refuse_a_composition(method):
+    with pytest.raises(memtune.methods.ConfigError, match=f"{method} does not read the image.*lora.*lst"):
+        wrap("tiny-vl-bert", method, 3)

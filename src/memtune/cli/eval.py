@@ -14,6 +14,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with your GLUE / SuperGLUE / VTAB-1k copy (default: the "
                    "training run's, else $MEMTUNE_DATA_DIR)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--ablate", choices=("image", "question"), default=None,
+                   help="image-text tasks: evaluate a single-modality control, every image blanked (image) or every "
+                        "question emptied (question); a model that needs both falls to chance")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -37,6 +40,7 @@ def run(ns) -> int:
     from ..api import load
     from ..checkpoint import read_adapter_config
     from ..data import TaskError, load_task, make_collate
+    from ..data.vqa_task import ablate
     from ..evaluation import evaluate
     from ..models import load_model
     from ..preflight import align_task_labels, check_batch_size, check_task_fits_model
@@ -53,6 +57,9 @@ def run(ns) -> int:
     task = load_task(task_name, seed=settings.get("seed", 0), test_limit=settings.get("test_limit"),
                      text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
                      data_dir=ns.data_dir or settings.get("data_dir"), regression=model.objective == "regression")
+    if ns.ablate and task.kind != "image_text":
+        raise TaskError(f"--ablate applies to image-text tasks (e.g. digits-vqa/B1); {task_name!r} is a "
+                        f"{task.kind} task")
     if task.regression != (model.objective == "regression"):
         raise TaskError(f"task {task_name!r} is {'a regression' if task.regression else 'a classification'} task, "
                         f"the adapter's head is for {model.objective}")
@@ -65,8 +72,10 @@ def run(ns) -> int:
                            image_size=settings.get("image_size"), causal_lm=causal,
                            regression=task.regression and not causal,
                            label_targets=model_label_targets(model, loaded.preprocessor))
+    test = task.test if ns.ablate is None else ablate(task.test, ns.ablate)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(model.to(device), task.test, collate, ns.batch_size, device, progress=not ns.no_progress)
+    result = evaluate(model.to(device), test, collate, ns.batch_size, device, progress=not ns.no_progress)
     main = {} if causal else {"main_metric": task.main_metric}
-    print(json.dumps({"method": saved["method"], "task": task_name, **result, **main}))
+    extra = {"ablate": ns.ablate} if ns.ablate else {}
+    print(json.dumps({"method": saved["method"], "task": task_name, **result, **main, **extra}))
     return 0

@@ -54,3 +54,18 @@ def load_vqa_as_task(key: str) -> Task:
     name = base if not template else vqa.name
     return Task(name=name, kind="image_text", train=examples(vqa.train), test=examples(vqa.test),
                 label_names=answers)
+
+
+ABLATIONS = ("image", "question")
+
+
+def ablate(examples: list[dict], what: str) -> list[dict]:
+    """Single-modality controls (docs/methods/vl.md §5.11): copies of image-text `examples` with one modality
+    removed. "image": every image becomes a blank (all-zero) array of its shape, so the visual tokens are one
+    constant for the whole split; "question": every text becomes "", so the text backbone sees only its special
+    tokens. A model that needs both modalities falls to the template's chance rate under either."""
+    if what not in ABLATIONS:
+        raise TaskError(f"ablation {what!r} is not one of {', '.join(ABLATIONS)}")
+    if what == "image":
+        return [{**ex, "image": ex["image"] * 0} for ex in examples]
+    return [{**ex, "text": ""} for ex in examples]

@@ -142,10 +142,19 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
     # own forward, which then reads the visual tokens as a trainable prefix (docs/methods/vl.md §4); methods with
     # their own visual path (LST's side-only mode A) or none keep False, and the backbone never sees the image.
     visual_prefix: ClassVar[bool] = False
+    # True for methods with their own visual path on a composition (LST-VL's side tokens, SHERL-VL); a method
+    # with neither would train on the text alone, so a composition is refused for it.
+    visual_path: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, config: MethodConfig, num_labels: int | None = None):
         super().__init__()
         config.check_family(backbone)
+        if "visual_side_tokens" in backbone.capabilities and not (self.visual_prefix or self.visual_path):
+            from .registry import METHODS
+
+            readers = [n for n, c in METHODS.items() if c.model_class.visual_prefix or c.model_class.visual_path]
+            raise ConfigError(f"{config.name} does not read the image of an image-text composition (it would train "
+                              f"on the text alone); methods that do: {', '.join(readers)}")
         self.backbone = backbone
         if self.visual_prefix and hasattr(backbone, "add_visual_prefix"):
             backbone.add_visual_prefix()

@@ -56,6 +56,7 @@ def side_stacks(backbone) -> dict[str, bool]:
 
 
 class LSTModel(MemtuneModel):
+    visual_path = True           # LST-VL: visual tokens enter the side encoder only (mode A)
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
         self._check_options(backbone, config)

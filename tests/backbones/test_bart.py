@@ -20,6 +20,7 @@ from memtune.methods import config_for
 from memtune.models import load_model
 from memtune.tokenizer import SPECIALS
 
+from ..methods.side_helpers import randomize_side
 from .test_forward_matches_hf import assert_roundoff_close
 
 TINIES = ["tiny-bart", "tiny-mbart"]
@@ -174,14 +175,7 @@ def test_lst_pruning_copies_recorded_slices_along_the_chain(name):
 
 
 def randomized_lst(name):
-    model = lst(name, keep_layers=(1, 2))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():                       # a side network with enough signal to vary its output
-        model.up.weight.copy_(torch.randn(model.up.weight.shape, generator=g) * 3)
-        for s in model.stacks.values():
-            for lad in s.ladders.values():
-                lad.weight.copy_(torch.randn(lad.weight.shape, generator=g) * 0.3)
-    return model.eval()
+    return randomize_side(lst(name, keep_layers=(1, 2)))
 
 
 @pytest.mark.parametrize("name", TINIES)

@@ -27,6 +27,18 @@ def batch_for(model, b=3, t=9, seed=1):
     return batch
 
 
+def randomize_side(model, seed=3):
+    """An LST model in eval mode whose side network carries enough signal to vary its output: W_up ~ N(0, 3²),
+    every ladder ~ N(0, 0.3²) (the init keeps the side output near zero, which makes decoding checks trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.up.weight.copy_(torch.randn(model.up.weight.shape, generator=g) * 3)
+        for s in model.stacks.values():
+            for lad in s.ladders.values():
+                lad.weight.copy_(torch.randn(lad.weight.shape, generator=g) * 0.3)
+    return model.eval()
+
+
 def train_epochs(model, epochs, lr=1e-2):
     """AdamW over `epochs` (lists of batches, in order); returns every step's loss and the trunk's block-0
     forward calls per epoch (a trunk cache replays its taps instead of calling the block)."""

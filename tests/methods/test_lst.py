@@ -12,7 +12,7 @@ from memtune.methods import ConfigError, config_for
 from memtune.methods.lst import LSTConfig, LSTModel
 from memtune.methods.lst import model as lst_model_module
 
-from .side_helpers import batch_for, fit_fixed_batch
+from .side_helpers import batch_for, fit_fixed_batch, randomize_side
 
 FAMILIES = [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-dinov2", 3), ("tiny-t5", 3), ("tiny-llama", 3),
             ("tiny-llama", None), ("tiny-opt", 3), ("tiny-opt", None), ("tiny-distilbert", 3), ("tiny-gpt2", 3),
@@ -350,14 +350,7 @@ def test_side_cross_attention_reads_s_enc():
 
 
 def randomized_t5(keep):
-    model = wrap("tiny-t5", keep_layers=keep)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():                       # a side network with enough signal to vary its output
-        model.up.weight.copy_(torch.randn(model.up.weight.shape, generator=g) * 3)
-        for s in model.stacks.values():
-            for lad in s.ladders.values():
-                lad.weight.copy_(torch.randn(lad.weight.shape, generator=g) * 0.3)
-    return model.eval()
+    return randomize_side(wrap("tiny-t5", keep_layers=keep))
 
 
 def source_batch(seed=2):

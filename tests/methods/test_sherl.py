@@ -12,6 +12,8 @@ from memtune.methods.sherl import MTSA, SHERLConfig, collected_blocks, layer_wei
 from memtune.methods.sherl.mtsa import GatedProjection
 from memtune.models import load_model
 
+from .side_helpers import fit_fixed_batch
+
 FAMILIES = ["tiny-bert", "tiny-vit", "tiny-dinov2", "tiny-t5", "tiny-llama", "tiny-opt", "tiny-distilbert", "tiny-gpt2", "tiny-modernbert", "tiny-deberta-v2", "tiny-phi3", "tiny-gpt-neox", "tiny-clip-vision", "tiny-siglip-vision", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-bart", "tiny-mbart", "tiny-swin"]
 
 
@@ -321,15 +323,8 @@ def test_early_route_runs_under_no_grad(name):
 def test_trains_on_a_fixed_batch():
     model = make("tiny-bert", late_layers=1)
     batch = batch_for(model)
-    opt = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=3e-3)
-    losses = []
-    for _ in range(25):
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    first, last = fit_fixed_batch(model, batch, lr=3e-3, steps=25)
+    assert last < 0.5 * first
     assert model.mtsa.gamma.item() != 0.0                        # the gate learns to open
 
 

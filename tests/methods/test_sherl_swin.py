@@ -15,6 +15,7 @@ from memtune.methods.sherl.stages import StageProjection, pool_to_grid
 from memtune.models import load_model
 
 from ..memory.test_plan import assert_agrees
+from .side_helpers import fit_fixed_batch
 
 
 def make(num_labels=3, **options):
@@ -192,15 +193,8 @@ def test_compact_tap_storage_keeps_the_gradients_close():
 def test_trains_on_a_fixed_batch():
     model = make()
     batch = {**pixels(), "labels": torch.tensor([0, 2])}
-    opt = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=3e-3)
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    first, last = fit_fixed_batch(model, batch, lr=3e-3, steps=20)
+    assert last < 0.5 * first
 
 
 # -- memory plan -------------------------------------------------------------------------------------------

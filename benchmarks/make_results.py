@@ -208,8 +208,40 @@ def targets_section() -> str:
                     "memory grows with late_layers", True)
     memory_targets(cpu, add)
     trunk_cache_targets(add)
+    vqa_targets(add)
     rows += ["", "Reasons where a target is missed are in the notes below the tables.", ""]
     return "\n".join(rows)
+
+
+def vqa_targets(add) -> None:
+    """docs/methods/vl.md §5.11 per trained method on digits-vqa/B1 (benchmarks/vqa_compare.py)."""
+    path = HERE / "vqa-digits-b1" / "results.json"
+    if not path.exists():
+        return
+    for c in json.loads(path.read_text()).get("controls", []):
+        mean = {k: sum(c[k]) / len(c[k]) for k in ("both", "image", "question")}
+        add(f"{c['label']} on digits-vqa/B1: both modalities vs the better single-modality control (controls vs "
+            f"chance 0.5)", f"{mean['both']:.3f} vs {max(mean['image'], mean['question']):.3f} "
+            f"({c['beats_controls_by'] * 100:+.1f} pts; controls {mean['image']:.3f}, {mean['question']:.3f})",
+            "≥ +15 pts; controls within 3 pts of 0.5", c["passes"])
+
+
+def vqa_section() -> str:
+    """The offline VQA check with its single-modality controls (benchmarks/vqa_compare.py)."""
+    path = HERE / "vqa-digits-b1" / "results.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    commands = [*data.get("earlier_commands", []), data["command"]]
+    return "\n".join([
+        "## CPU: image + text, DINOv2-S beside MiniLM on digits-vqa/B1, with single-modality controls", "",
+        "Command: `python benchmarks/vqa_compare.py` (one invocation per learning rate: "
+        + "; ".join(f"`{c}`" for c in commands) + "). Each trained run is then evaluated with every test image "
+        "blanked and with every question emptied (`memtune eval --ablate image|question`). B1 (\"is this a {c}?\", "
+        "yes/no) is at 0.5 for either modality alone. Budget: one CPU thread per run on a shared 2-core machine, "
+        "one seed per method (the interval needs more seeds than the session allowed); memory: one step at the "
+        "training shape on the CPU tracker.", "",
+        (HERE / "vqa-digits-b1" / "results.md").read_text().strip(), ""])
 
 
 def trunk_cache_targets(add) -> None:
@@ -459,13 +491,14 @@ def main():
     parts.append(cpu_section("dinov2s-fashion-mnist", "CPU: DINOv2-S on Fashion-MNIST (fixed 2,000 / 400 subset, 112 px, "
                                                       "80 steps)"))
     parts.append(convergence_section())
+    parts.append(vqa_section())
     parts.append(step_time_section())
     parts.append(plan_large_section())
     parts.append(smollm2_section())
     parts.append(glue_t5_section())
     parts.append(cuda_section())
     parts.append(targets_section())
-    for extra in ("notes.md", "plan_lst_table.md", "dtl_trunk_cache.md"):
+    for extra in ("notes.md", "plan_lst_table.md", "plan_clip_t5.md", "dtl_trunk_cache.md"):
         if (HERE / extra).exists():
             parts.append((HERE / extra).read_text().strip() + "\n")
     (HERE / "RESULTS.md").write_text("\n".join(p for p in parts if p) + "\n")

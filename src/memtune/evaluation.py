@@ -8,6 +8,7 @@ import torch
 
 from .metrics import classification_metrics, regression_metrics
 from .progress import Progress
+from .retrieval_metrics import evaluate_retrieval
 
 
 @torch.no_grad()
@@ -15,7 +16,10 @@ def evaluate(model, examples, collate, batch_size: int, device, progress=False) 
     """Over `examples`: classification → accuracy, macro_f1, mcc (and f1 of class 1 for two classes);
     regression → pearson, spearman, mse; causal LM → eval_loss and perplexity; seq2seq → the classification
     metrics of the generated label words (an output that is no label word is wrong; its share is
-    `invalid_generations`) and `accuracy_scored`, constrained scoring's accuracy (the likeliest label word)."""
+    `invalid_generations`) and `accuracy_scored`, constrained scoring's accuracy (the likeliest label word);
+    retrieval (two towers) → recall@k both ways and rsum (`memtune.retrieval_metrics`)."""
+    if model.objective == "retrieval":            # two towers: recall@k over the split (retrieval_metrics.py)
+        return evaluate_retrieval(model, examples, collate, batch_size, device, progress)
     was_training = model.training
     model.eval()
     predictions, labels, scored = [], [], []

@@ -27,13 +27,25 @@ def _count(n: int) -> str:
 
 
 def _workload_shape(result) -> str:
-    """Image families: the image size and the tokens it makes; text: the padded length."""
-    from .backbones import FAMILIES
-
+    """Image families: the image size and the tokens it makes; text: the padded length; image-text compositions:
+    the text length and how the visual tokens are made."""
     s = result.settings
-    if FAMILIES[result.model_type].modality == "image":
+    if result.modality == "image_text":
+        return f"length {s.max_length} + {result.visual_tokens} visual tokens ({result.visual_source})"
+    if result.modality == "image":
         return f"image {s.image_size or '(default)'} px → {result.tokens} tokens"
     return f"length {s.max_length}"
+
+
+def _pct_note(result) -> str | None:
+    """What the % column divides by, where it is not the pretrained model's weights."""
+    if not any(m.pct_of == "all" for m in result.methods if m.status == "ok"):
+        return None
+    note = ("% = trainable / all parameters of the wrapped model (trainable ones included), as the official VL code "
+            "prints its \"% updated\"")
+    if any(m.paper_pct is not None for m in result.methods):
+        note += "; paper % = the paper's figure for that row (its source in the notes)"
+    return note + "."
 
 
 def format_plan(result) -> str:
@@ -46,9 +58,12 @@ def format_plan(result) -> str:
         + (f", budget {s.budget_bytes / GIB:.2f} GiB" if s.budget_bytes else ""),
         "GiB = 2^30 bytes; peak = what torch.cuda.max_memory_allocated() reports for one training step; "
         "reserved memory runs 1-30 % higher and the CUDA context adds about 0.5 GiB: keep that headroom.",
+        *([_pct_note(result)] if _pct_note(result) else []),
         "",
     ]
-    head = ["method", "trainable", "%", "params", "grads", "optim", "act peak", "peak"]
+    paper = any(m.paper_pct is not None for m in result.methods)
+    head = ["method", "trainable", "%", *(["paper %"] if paper else []), "params", "grads", "optim", "act peak",
+            "peak"]
     if s.budget_bytes:
         head += ["fits", "max batch"]
     rows = []
@@ -56,7 +71,8 @@ def format_plan(result) -> str:
         if m.status != "ok":
             rows.append([m.label, f"{m.status}: {m.message}"])
             continue
-        row = [m.label, _count(m.trainable_params), f"{m.trainable_pct:.2f}", _gib(m.parameter_bytes),
+        row = [m.label, _count(m.trainable_params), f"{m.trainable_pct:.2f}",
+               *([("-" if m.paper_pct is None else f"{m.paper_pct:.2f}")] if paper else []), _gib(m.parameter_bytes),
                _gib(m.gradient_bytes), _gib(m.optimizer_bytes), _gib(m.activation_peak_bytes), _gib(m.peak_bytes)]
         if s.budget_bytes:
             row += ["yes" if m.fits else "no", "none" if m.max_batch_size == 0 else str(m.max_batch_size)]

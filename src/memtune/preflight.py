@@ -17,14 +17,25 @@ def check_batch_size(value: int, flag: str = "--batch-size") -> None:
         raise ArgumentError(f"{flag} must be between 1 and {MAX_BATCH}, got {value}")
 
 
+# Task kinds read by models of another modality: image–caption pairs by image-text compositions.
+TASK_MODALITY = {"image_caption": "image_text"}
+
+
+def check_task_modality(kind: str, task_name: str, loaded) -> None:
+    """The model reads the task's kind of data (ArgumentError naming the modality to pick otherwise)."""
+    from .train import ArgumentError
+
+    wanted = TASK_MODALITY.get(kind, kind)
+    if wanted != loaded.modality:
+        raise ArgumentError(f"task {task_name!r} holds {kind} data but model {loaded.name!r} reads "
+                            f"{loaded.modality}; pick a {wanted} model")
+
+
 def check_task_fits_model(task, task_name: str, loaded, model) -> None:
     """The task's data type matches the model, and its labels all index the adapter's head."""
     from .data import TaskError
-    from .train import ArgumentError
 
-    if task.kind != loaded.modality:
-        raise ArgumentError(f"task {task_name!r} holds {task.kind} data but model {loaded.name!r} reads "
-                            f"{loaded.modality}")
+    check_task_modality(task.kind, task_name, loaded)
     if model.objective == "classification" and getattr(model, "id2label", None) is None \
             and task.num_labels > model.num_labels:
         raise TaskError(f"task {task_name!r} has {task.num_labels} classes {task.label_names}, but the adapter's "
@@ -69,7 +80,7 @@ def check_compare(specs: list[str], settings: dict, model: str, task: str) -> No
     from .data import load_task
     from .models import load_model
     from .spec import parse_specs
-    from .train import ArgumentError, TrainArgs, check_length
+    from .train import TrainArgs, check_length
 
     parsed = parse_specs(specs)            # every spec: method, options, techniques (ConfigError)
     if any(p.techniques for p in parsed):
@@ -83,7 +94,5 @@ def check_compare(specs: list[str], settings: dict, model: str, task: str) -> No
     data = load_task(task, text_column=args.text_column, label_column=args.label_column, seed=args.seed,
                      train_limit=args.train_limit, test_limit=args.test_limit, data_dir=args.data_dir,
                      regression=args.objective == "regression")
-    if data.kind != loaded.modality:
-        raise ArgumentError(f"task {task!r} holds {data.kind} data but model {model!r} reads {loaded.modality}; "
-                            f"pick a {data.kind} model")
+    check_task_modality(data.kind, task, loaded)
     check_length(loaded, args.max_length)

@@ -28,6 +28,7 @@ from .data import load_task, make_collate
 from .methods import config_for
 from .models import load_model
 from .evaluation import evaluate
+from .preflight import check_task_modality
 from .progress import Progress
 from .resume import finished_run_metrics, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .run_folder import RunFolder, check_run_folder, main_rank
@@ -38,6 +39,8 @@ from .techniques.quantize import QUANTIZE_KINDS
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # causal-lm: decoders; regression: one output, MSE; seq2seq: encoder-decoders generate each class's label words
 OBJECTIVES = ("classification", "causal-lm", "regression", "seq2seq")
+# Methods with a two-tower retrieval form (config option form=retrieval), which image_caption tasks train.
+RETRIEVAL_METHODS = ("sherl",)
 
 
 class TrainingError(RuntimeError):
@@ -54,8 +57,9 @@ class TrainArgs:
     model: str = field(metadata={"help": "bundled alias (minilm, dinov2-s, tiny-bert, ...), folder or hub id"})
     task: str = field(metadata={"help": "rotten-tomatoes, fashion-mnist, digits, mnist-5k, drug-reviews, csv:PATH, "
                                         "jsonl:PATH, an image folder, digits-vqa / fashion-vqa[/template] "
-                                        "(image + text models), or glue/<name>, super_glue/<name>, "
-                                        "vtab/<name> from --data-dir (docs/data.md)"})
+                                        "(image + text models), digits-captions / fashion-captions / "
+                                        "captions:PATH (image–caption retrieval, --method sherl), or "
+                                        "glue/<name>, super_glue/<name>, vtab/<name> from --data-dir (docs/data.md)"})
     method: str = "lora"
     options: dict = field(default_factory=dict)       # method options, e.g. {"r": "16"}
     out: str = "runs/memtune"
@@ -182,9 +186,11 @@ def build(args: TrainArgs, loaded=None, task=None):
     """Load model and task and wrap the model: returns (model, task, loaded, collate)."""
     loaded = loaded or load_model(args.model)
     task = task or load_args_task(args)
-    if task.kind != loaded.modality:
-        raise ArgumentError(f"task {args.task!r} holds {task.kind} data but model {args.model!r} reads "
-                            f"{loaded.modality}; pick a {task.kind} model")
+    retrieval = task.kind == "image_caption"     # image–caption pairs: a two-tower retrieval model
+    check_task_modality(task.kind, args.task, loaded)
+    if retrieval and args.objective != "classification":
+        raise ArgumentError(f"task {args.task!r} trains a retrieval model (a contrastive loss over image–caption "
+                            f"pairs); leave --objective at its default, not {args.objective}")
     check_length(loaded, args.max_length)
     lm_head = args.objective in ("causal-lm", "seq2seq")          # no class head: the model's LM head
     if lm_head and task.regression:
@@ -194,11 +200,18 @@ def build(args: TrainArgs, loaded=None, task=None):
         raise ArgumentError(f"--objective seq2seq needs an encoder-decoder model (T5, BART); {args.model!r} is "
                             f"{loaded.model.config.model_type}: use classification (or causal-lm for decoders)")
     options = dict(args.options)
+    if retrieval:
+        if args.method not in RETRIEVAL_METHODS:
+            raise ArgumentError(f"task {args.task!r} pairs images with captions, which trains a two-tower retrieval "
+                                f"model; methods with a retrieval form: {', '.join(RETRIEVAL_METHODS)}")
+        options.setdefault("form", "retrieval")
     config = config_for(args.method, options)
     words = label_words_for(task.label_names, args.label_words) if args.objective == "seq2seq" else None
     # A regression task has a one-output head (num_labels 1: the model's objective is then "regression").
-    model = wrap(loaded, config, num_labels=None if lm_head else task.num_labels, name=args.model,
-                 label_names=None if args.objective == "causal-lm" or task.regression else task.label_names,
+    # Retrieval: no head (the loss reads the similarities of the pairs; labels mark pairs of one class).
+    no_names = args.objective == "causal-lm" or task.regression or retrieval
+    model = wrap(loaded, config, num_labels=None if lm_head or retrieval else task.num_labels, name=args.model,
+                 label_names=None if no_names else task.label_names,
                  label_words=words, techniques=args.techniques())
     model.preprocessing = {"max_length": args.max_length, "image_size": args.image_size}  # saved for predict
     return model, task, loaded, make_collate(task.kind, loaded.preprocessor,

@@ -136,17 +136,17 @@ def test_trainable_set_is_the_side_network_and_the_visual_embedding(alias, num_l
     plain = memtune.wrap(memtune.load_model(alias.replace("vl-", "")), "lst", num_labels=num_labels)
     side = {n for n, _ in plain.trainable_named_parameters()}           # LST's side network on the same T5
     visual = {"visual.proj.weight", "visual.proj.bias", "visual.norm.weight", "visual.type_code",
-              "visual.position_codes"}
+              "visual.position_codes", "visual.image_order"}
     assert names == side | visual
     assert all(not p.requires_grad for p in model.backbone.parameters())
     d_v = d = 64
-    assert sum(p.numel() for p in model.visual.parameters()) == (d_v + 3 + V) * d == 6592
-    # At CLIP-T5 shapes (f = 2048, d = 768, 36 tokens): (f + 3 + V)·d. The official MLP's (f + 11)·d = 1,581,312
-    # has a 7d box branch and a 2-row image-order table where this has one type vector, and frozen per-index
-    # codes where these train (36d): 28d more.
+    assert sum(p.numel() for p in model.visual.parameters()) == (d_v + 5 + V) * d == 6720
+    # At CLIP-T5 shapes (f = 2048, d = 768, 36 tokens): (f + 5 + V)·d. The official MLP's (f + 11)·d = 1,581,312
+    # has a 7d box branch where this has one type vector, the same 2-row image-order table, and frozen per-index
+    # codes where these train (36d): 30d more.
     official = VisualSideEmbedding(2048, 768, 36)
     count = sum(p.numel() for p in official.parameters())
-    assert count == VisualSideEmbedding.parameter_count(2048, 768, 36) == 1_602_816 == 1_581_312 + 28 * 768
+    assert count == VisualSideEmbedding.parameter_count(2048, 768, 36) == 1_604_352 == 1_581_312 + 30 * 768
 
 
 # -- §5.3: shapes -------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """`memtune plan`: will this fit on my GPU? Every method's training-step memory, planned without weights.
 
     memtune plan --model t5-base --methods full,lora,lst --batch-size 100 --max-length 128 --budget 24GiB
+    memtune plan --model clip-rn101-grid+t5-base-vl --methods full,lora,lst:r=4 --batch-size 300 --max-length 20 \
+        --objective seq2seq --target-length 4           # LST's CLIP-T5: pre-extracted features beside T5-base
 
 Prints one row per method (GiB = 2^30 bytes): trainable parameters, weights, gradients, optimizer
 state, activation peak (peak − memory at the step's start), total peak, whether it fits the budget and

@@ -72,6 +72,7 @@ def make_collate(
             raise TaskError(f"image_size must be a positive integer, got {size!r}")
         mean, std = processor_mean_std(preprocessor)
         return ImageCollator(size, mean, std)
+    task_kind = "image_text" if task_kind == "image_caption" else task_kind   # a caption collates as a question
     if task_kind == "image_text":
         from .image_text_collate import ImageTextCollator, split_preprocessor
 

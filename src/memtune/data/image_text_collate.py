@@ -3,11 +3,17 @@
     pre = ImageTextProcessor(tokenizer, image_processor)      # what `load_model` gives an image-text composition
     collate = make_collate("image_text", pre, max_length=32)  # or a bare tokenizer plus image_size=...
     batch = collate(examples)     # input_ids, attention_mask B×L (the question), pixel_values B×3×S×S, labels
+                                  # + pixel_values_2 B×3×S×S when the examples have a second image ("image2")
 
 The question goes through the text collator exactly as a text task's "text" does (labels: the class ids B, or
 with label_targets the answer words' target ids B×Tt and the class ids as label_ids B); the image through the
 image collator exactly as an image task's (resized to S, the vision model's size, and normalised with its
 mean/std). Both are the existing collators, so nothing about either part differs from the one-modality tasks.
+
+Two-image examples (NLVR²-style, VQA template B5, a user VQA file with an image2 column) carry "image2"; it goes
+through the same image collator into pixel_values_2, and the composition encodes it as a second set of V visual
+tokens (`backbones/image_text.py` `visual_tokens`). A batch is all one-image or all two-image: the visual
+sequence length (V or 2V) is one per batch, and padding a missing image would make up tokens that do not exist.
 """
 from __future__ import annotations
 
@@ -69,9 +75,13 @@ class ImageTextCollator:
             raise TaskError(f"image_text examples need an 'image' and a 'text' (the question); examples "
                             f"{missing[:5]} of the batch lack one")
         two = [i for i, ex in enumerate(examples) if ex.get("image2") is not None]
-        if two:
-            raise TaskError(f"examples {two[:5]} have a second image; two-image examples (VQA template B5) are "
-                            "not supported by the image_text collation yet")
+        if two and len(two) != len(examples):
+            one = [i for i, ex in enumerate(examples) if ex.get("image2") is None]
+            raise TaskError(f"a batch mixes one-image and two-image examples (examples {two[:5]} have an "
+                            f"'image2', examples {one[:5]} do not); a batch must be all one or the other: train "
+                            "a two-image template (e.g. digits-vqa/B5) on its own")
         batch = self.text(examples)                                              # question ids, labels
         batch["pixel_values"] = self.image(examples)["pixel_values"]             # B×3×S×S, normalised
+        if two:                                                                  # the second image, alike
+            batch["pixel_values_2"] = self.image([{**ex, "image": ex["image2"]} for ex in examples])["pixel_values"]
         return batch

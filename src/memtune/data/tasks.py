@@ -6,6 +6,8 @@ Names:
   * a path to a directory of class sub-folders for user images;
   * ``digits-vqa`` / ``fashion-vqa`` (optionally ``/<template>``): the generated VQA tasks, kind "image_text"
     (``vqa_task``);
+  * ``digits-captions`` / ``fashion-captions`` / ``captions:PATH``: image–caption pairs, kind "image_caption"
+    (``caption_task``);
   * ``glue/<name>``, ``super_glue/<name>``, ``vtab/<name>`` from the user's local copy (``data_dir=`` or
     ``MEMTUNE_DATA_DIR``; see ``suites`` and docs/data.md).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from . import bundled
 from .base import Task, TaskError
+from .caption_task import is_caption_name, load_caption_task
 from .image_folder import IMAGE_SUFFIXES, load_image_folder
 from .splits import carve_validation, check_limit, random_subset, stratified_subset
 from .suites import is_suite_name, load_suite, suite_names
@@ -63,7 +66,8 @@ def _unknown(name) -> TaskError:
         f"file with text and label columns; or the path of an image folder with one sub-folder "
         f"per class ({'/'.join(IMAGE_SUFFIXES)} files); or glue/<name>, super_glue/<name>, vtab/<name> from a "
         f"local copy given by --data-dir; or a generated VQA task ({', '.join(vqa_task_names())}, optionally "
-        f"/<template> such as digits-vqa/B1)"
+        f"/<template> such as digits-vqa/B1); or an image–caption task (digits-captions, fashion-captions, "
+        f"captions:PATH)"
     )
 
 
@@ -107,7 +111,9 @@ def load_task(
         task = Task(name=key, kind=kind, train=[dict(ex) for ex in train],
                     test=[dict(ex) for ex in test], label_names=list(label_names))
     elif is_vqa_name(key):
-        task = load_vqa_as_task(key)
+        task = load_vqa_as_task(raw)         # raw: the path of "vqa:PATH" keeps its case
+    elif is_caption_name(key):            # digits-captions, fashion-captions, captions:PATH (kind image_caption)
+        task = load_caption_task(raw)
     elif key.startswith(("csv:", "jsonl:")):
         prefix, _, path_text = raw.strip().partition(":")
         if not path_text:

@@ -8,6 +8,8 @@ Two generated tasks, each a set of question templates over a bundled image set:
     ex = task.train[0]; ex.question, ex.answer, ex.image  # image: float 3×S×S in [0, 1]
 
 and a user format, ``load_vqa_file(path)`` for CSV/JSONL rows ``image, question, answer[, image2][, split]``.
+Training reads them as Tasks (``vqa_task.py``): ``load_task("digits-vqa/B5")`` or ``load_task("vqa:PATH")``;
+two-image examples (B5, a file with image2) train as 2V visual tokens with image ids [0]×V + [1]×V.
 
 **Templates** (answers are short text; B* need both modalities, C* are controls; the rates are the Bayes
 accuracies of a question-only / an image-only predictor):

@@ -25,6 +25,15 @@ Precision: "fp32"; "bf16" = weights, gradients and optimizer state in bf16, no a
 bf16 have equal sizes, so both use the same path).
 
 Largest batch under a budget and depth extrapolation (`layers=k`): see `memory.scaling`.
+
+Image-text compositions (`--model VISION+TEXT`, e.g. clip-vit-b16+t5-base; `memory.compositions`): the composed
+model is built from the two parts' configs and every method runs on it as in training (LST reads the visual
+tokens in its side network only, the other methods as a visual prefix of the text encoder); max_length is the
+text's, image_size the vision part's, and depth, extrapolation and the objective are the text backbone's. A
+vision half may be a source of pre-extracted features (`memory.visual_features`, e.g. clip-rn101-grid: LST's
+CLIP-T5 form, `clip-rn101-grid+t5-base-vl`), read as an input of B×L×f. Their rows give `trainable_pct` over all
+parameters (the official VL code's convention), the official visual MLP's count and, where the workload is a
+paper's, its published % (`memory.paper_values`).
 """
 from __future__ import annotations
 
@@ -33,17 +42,21 @@ import time
 from dataclasses import dataclass
 
 from ..backbones import UnsupportedModel, family_class
+from ..backbones.visual_embedding import VisualEmbedding
 from ..methods import METHODS, ConfigError
 from ..spec import parse_specs
 from ..techniques.planning import plan_techniques
+from . import compositions
 from .devices import get_profile
 from .known_configs import resolve_config
 from .measure import static_bytes
-from .plan_step import CUDA_WORKSPACE_BYTES, build_planned_model, make_batch, make_optimizer, planning_context, \
-    run_step, warm_up
+from .paper_values import attach_paper_values
+from .plan_step import CUDA_WORKSPACE_BYTES, build_planned_model, make_batch, make_optimizer, objective_of, \
+    planning_context, run_step, warm_up
 from .plan_types import MethodPlan, PlanResult, PlanSettings
 from .scaling import extrapolate, largest_batch
 from .step_time import attach_step_cost, finish_step_times
+from .visual_features import is_feature_source
 
 # -- one method ---------------------------------------------------------------------------------------------
 @dataclass
@@ -83,6 +96,8 @@ class _MethodRunner:
 def _fill(plan: MethodPlan, runner: _MethodRunner, s: _Step) -> None:
     static = static_bytes(runner.model, runner.optimizer)
     plan.trainable_params, plan.total_params = runner.model.num_parameters_split()
+    plan.visual_params = sum(p.numel() for m in runner.model.modules() if isinstance(m, VisualEmbedding)
+                             for p in m.parameters() if p.requires_grad) or None
     plan.pretrained_params = runner.pretrained_params
     plan.parameter_bytes = static["parameters"]
     plan.gradient_bytes = static["gradients"]
@@ -121,7 +136,7 @@ def _plan_method(config, settings: PlanSettings, label: str, method: str, option
                  prepare=None, techniques=()) -> MethodPlan:
     t0 = time.perf_counter()
     plan = MethodPlan(label=label, method=method, options=dict(options))
-    options, plan.notes = _plan_options(method, options, family_class(config).depth(config))
+    options, plan.notes = _plan_options(method, options, compositions.depth(config))
     plan.options = dict(options)
     try:
         runner = _MethodRunner(config, settings, method, options, prepare, techniques)
@@ -135,6 +150,8 @@ def _plan_method(config, settings: PlanSettings, label: str, method: str, option
                         "the method may read tensor values during its step")
         return plan
     _fill(plan, runner, s)
+    if compositions.is_composition(config):
+        plan.pct_of = "all"                 # the VL code's "% updated" (plan_types.MethodPlan.trainable_pct)
     runner.techniques.fill(plan)
     if "init" in options or any(f.name == "init" for f in dataclasses.fields(METHODS[method])):
         init = options.get("init", getattr(runner.model.method_config, "init", None))
@@ -169,12 +186,30 @@ def plan(settings: PlanSettings, methods, config=None, source: str | None = None
     with planning_context():
         _plan_all(config, settings, specs, results, prepare)
     finish_step_times(results, settings)
-    return PlanResult(settings, source or settings.model, config.model_type, family.depth(config), tokens, results,
-                      time.perf_counter() - t0, family.modality)
+    attach_paper_values(results, config, objective_of(config, settings))
+    modality = "image_text" if compositions.is_composition(config) else family.modality
+    return PlanResult(settings, source or settings.model, config.model_type, compositions.depth(config), tokens,
+                      results, time.perf_counter() - t0, modality,
+                      compositions.visual_source(config, settings.image_size), _visual_tokens(config))
+
+
+def _visual_tokens(config) -> int | None:
+    """V, the visual tokens a composition's side network or prefix reads (None for other models)."""
+    return config.grid * config.grid if compositions.is_composition(config) else None
 
 
 def _planned_tokens(config, settings: PlanSettings) -> int:
     """Tokens per example the blocks see, after checking that the planned input suits the model."""
+    if compositions.is_composition(config):
+        vc = config.vision_config
+        if settings.image_size is not None and is_feature_source(vc):
+            raise ConfigError(f"--image-size does not apply to {settings.model}: its visual input is pre-extracted "
+                              f"features (a {vc.grid[0]}×{vc.grid[1]} grid of width {vc.hidden_size})")
+        if settings.image_size is not None and settings.image_size < vc.patch_size:
+            raise ConfigError(f"image size {settings.image_size} is smaller than the vision part's patch size "
+                              f"{vc.patch_size}")
+        config = config.text_config             # the text backbone's tokens; the image is the vision part's
+        settings = dataclasses.replace(settings, image_size=None)
     family = family_class(config)
     if family.modality == "image":
         size = settings.image_size or family.default_image_size(config)
@@ -193,17 +228,17 @@ def _planned_tokens(config, settings: PlanSettings) -> int:
 
 
 def _plan_all(config, settings, specs, results, prepare=None) -> None:
-    family = family_class(config)
-    depth = family.depth(config)
+    depth = compositions.depth(config)
     for spec in specs:
         label, method, options, tech = spec.label, spec.method, spec.options, spec.techniques
         k = settings.layers
-        if k is None or 2 * k >= depth or not family.stacks_equally_deep(config):
+        if k is None or 2 * k >= depth or not compositions.stacks_equally_deep(config):
             results.append(_plan_method(config, settings, label, method, options, prepare, tech))
             continue
         try:
-            a = _plan_method(family.with_depth(config, k), settings, label, method, options, prepare, tech)
-            b = _plan_method(family.with_depth(config, 2 * k), settings, label, method, options, prepare, tech)
+            a = _plan_method(compositions.with_depth(config, k), settings, label, method, options, prepare, tech)
+            b = _plan_method(compositions.with_depth(config, 2 * k), settings, label, method, options, prepare,
+                             tech)
         except ConfigError:
             a = b = None                     # a depth-dependent option (layer indices): plan at full depth
         if a is None or a.status != "ok" or b.status != "ok":

@@ -14,12 +14,13 @@ import torch
 
 from ..backbones import family_class
 from ..methods import config_for
-from ..models import drop_unused_parts, model_from_config
+from .compositions import build_model, set_attention
 from .flops import StepCost, counting
 from .meta_ops import (AutocastEmulation, FusedAttention, FusedDropout, ScalarAnswers, is_meta_scalar_call,
                        scalar_answer)
 from .plan_types import PlanSettings
 from .tracker import LiveBytesTracker
+from .visual_features import is_feature_source, planning_features
 
 SGD_MOMENTUM = 0.9   # "sgd" means SGD with momentum: one state tensor per trainable parameter
 # cuBLAS and cuBLASLt workspaces: PyTorch allocates them through its caching allocator on the first matrix
@@ -65,12 +66,11 @@ def build_planned_model(config, settings: PlanSettings, method: str, options: di
     Returns (wrapped model, number of pretrained parameters).
     """
     config = copy.deepcopy(config)
-    config._attn_implementation = settings.attn
+    set_attention(config, settings.attn)
     on_meta = torch.device(device).type == "meta"
     with torch.device(device), (ScalarAnswers() if on_meta else contextlib.nullcontext()):
-        hf = model_from_config(config)
-        drop_unused_parts(hf)                           # as `load_model` does: no pooler, no mask token
-        if prepare is not None:
+        hf = build_model(config)                        # as `load_model` builds it: no pooler, no mask token;
+        if prepare is not None:                         # a composition: vision and text parts composed
             prepare(hf)
         pretrained = sum(p.numel() for p in hf.parameters())
         model = wrap_planned(hf, config, settings, method, options)
@@ -80,11 +80,15 @@ def build_planned_model(config, settings: PlanSettings, method: str, options: di
 def make_batch(model, settings: PlanSettings, batch_size: int) -> dict[str, torch.Tensor]:
     """The planned inputs on meta (the backbone family's `planning_batch`: padded to exactly the planned
     length, every token real) plus labels: the input ids for causal LM, target ids B×target_length for
-    seq2seq (the decoder reads them shifted right), class 0 otherwise."""
+    seq2seq (the decoder reads them shifted right), class 0 otherwise. An image-text composition over
+    pre-extracted features reads them (B×L×f) where its image would be (`visual_features`)."""
     bb = model.backbone
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     batch = bb.planning_batch(bb.config, batch_size, settings.max_length, image_size=settings.image_size,
                               target_length=settings.target_length, dtype=dtype, device="meta")
+    vision = getattr(bb, "vision", None)               # an image-text composition's vision part
+    if vision is not None and is_feature_source(vision.config):
+        batch["pixel_values"] = planning_features(vision.config, batch_size, dtype)   # B×L×f, pre-extracted
     if model.objective == "causal-lm":
         batch["labels"] = batch["input_ids"].clone()
     elif model.objective == "seq2seq":

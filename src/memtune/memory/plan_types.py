@@ -26,7 +26,9 @@ class PlanSettings:
 
     # Each field's metadata (help, choices) is its `memtune plan` flag (`memtune.cli.fields`).
     model: str = field(metadata={"help": "known name (t5-base, t5-3b, bert-base, llama-7b, minilm, ...; an unknown "
-                                         "name lists them all), a config.json or model folder, or a hub id"})
+                                         "name lists them all), a config.json or model folder, a hub id, or "
+                                         "VISION+TEXT (clip-vit-b16+t5-base; LST's CLIP-T5: "
+                                         "clip-rn101-grid+t5-base-vl)"})
     batch_size: int = 8
     max_length: int = field(default=128, metadata={"help": "text: tokens per sequence (padded to exactly this)"})
     image_size: int | None = field(default=None, metadata={"help": "vision: pixels per side (default: the model's)"})
@@ -104,6 +106,16 @@ class MethodPlan:
     linear_weight_fp32_bytes: int | None = None
     offload_host_bytes: int | None = None           # offload: saved tensors in pinned host memory
     notes: list = field(default_factory=list)
+    # What `trainable_pct` divides by: "pretrained" (the pretrained model's weights, as the GLUE papers count) or
+    # "all" (every parameter of the wrapped model, trainable ones included: the official VL code's "% updated",
+    # `L:VL/trainer_base.py:244-264`, used for image-text compositions; specs/vl.md §2.6).
+    pct_of: str = "pretrained"
+    paper_pct: float | None = None           # the paper's % for this method and workload, where known
+    paper_source: str | None = None          # where paper_pct comes from, with its status (paper_values.py)
+    # Image-text compositions: the trainable visual embedding's parameters (LST's side input or the prefix), and
+    # on T5 the trainable count with the official CLIP-T5 visual MLP's (f + 11)·d in their place (paper_values).
+    visual_params: int | None = None
+    official_trainable_params: int | None = None
     seconds: float = 0.0
     # Predicted time (`memory.step_time`): seconds on `device_profile`; ratio to the full row at this batch.
     step_time_s: float | None = None
@@ -118,8 +130,10 @@ class MethodPlan:
 
     @property
     def trainable_pct(self) -> float:
-        """Trainable parameters as a share of the pretrained model's (as the papers count)."""
-        return 100.0 * self.trainable_params / max(1, self.pretrained_params)
+        """Trainable parameters as a share of the pretrained model's (pct_of "pretrained", the GLUE papers'
+        count) or of all parameters, trainable included (pct_of "all", the VL code's)."""
+        base = self.total_params if self.pct_of == "all" else self.pretrained_params
+        return 100.0 * self.trainable_params / max(1, base)
 
     def gib(self, name: str) -> float:
         return getattr(self, name) / GIB
@@ -142,7 +156,9 @@ class PlanResult:
     tokens: int                               # sequence length the blocks see (text: max_length; vision: patches + 1)
     methods: list[MethodPlan]
     seconds: float = 0.0
-    modality: str = "text"                    # what the model reads: "text" or "image" (its backbone family's)
+    modality: str = "text"                    # what the model reads: "text", "image" or "image_text"
+    visual_source: str | None = None          # image_text: how the visual tokens are made, in words
+    visual_tokens: int | None = None          # image_text: V, the visual tokens per example
 
     def to_dict(self) -> dict:
         import transformers
@@ -150,7 +166,8 @@ class PlanResult:
         return {
             "settings": dataclasses.asdict(self.settings),
             "model": {"name": self.settings.model, "source": self.model_source, "model_type": self.model_type,
-                      "num_layers": self.num_layers, "tokens": self.tokens, "modality": self.modality},
+                      "num_layers": self.num_layers, "tokens": self.tokens, "modality": self.modality,
+                      "visual_source": self.visual_source, "visual_tokens": self.visual_tokens},
             "units": "bytes; gib fields are GiB = 2^30 bytes",
             "methods": [m.to_dict() for m in self.methods],
             "seconds": self.seconds,

@@ -107,11 +107,11 @@ def recommend(settings, methods=None, profile: str | None = None, precision_fixe
     settings = replace(settings, device_profile=profile or settings.device_profile)
     notes = []
     if settings.layers is None:
-        from ..backbones import family_class
+        from .compositions import depth
         from .known_configs import resolve_config
 
         cfg = config if config is not None else resolve_config(settings.model)[0]
-        if family_class(cfg).depth(cfg) > DEEP:
+        if depth(cfg) > DEEP:
             settings = replace(settings, layers=SEARCH_LAYERS)
             notes.append(f"searched with depth extrapolation (plans at {SEARCH_LAYERS} and {2 * SEARCH_LAYERS} "
                          "blocks, linear per block): exact for methods that repeat per block, up to 15 % high "

@@ -6,6 +6,13 @@ to s_enc). Only the backbone decoder layers up to the last kept layer run, so on
 For beam search the encoder outputs (backbone memory and s_enc) are expanded per beam, and both caches
 are reordered with the surviving beams every step (docs/methods/lst.md §12: the side state must follow the beams too).
 
+LST-VL (image-text compositions; docs/methods/vl.md §2, specs/vl.md §5.8): `visual` holds pixel_values (and
+pixel_values_2 for two-image examples). The backbone encoder still reads the text only (memory B×T×d, text mask
+B×T); the side encoder reads [text ; visual], so s_enc is B×(T+V)×d' (V = 36 or 72). Per beam: s_enc is
+expanded to (B·k)×(T+V)×d', the side decoder's cross-attention mask [text mask ; ones(V)] is rebuilt from the
+expanded text mask (`LSTModel.side_decode`), and the side KV cache, whose cross-attention part holds keys and
+values over those T+V positions, is reordered with the beams like the backbone decoder's.
+
 Beam search here is the plain form: no length penalty; a beam that emitted EOS is finished and can
 only continue with padding at no cost, so it keeps competing with its final score.
 """
@@ -24,10 +31,11 @@ def _new_cache(config) -> EncoderDecoderCache:
 
 @torch.no_grad()
 def text_to_text_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
-                          stop_at_eos: bool = True) -> torch.Tensor:
+                          stop_at_eos: bool = True, visual: dict | None = None) -> torch.Tensor:
     """Returns B×(1+n) token ids starting with the decoder start token (padding after EOS).
 
-    Runs in eval mode (restored afterwards). num_beams = 1 is greedy decoding.
+    Runs in eval mode (restored afterwards). num_beams = 1 is greedy decoding. visual: the image inputs of an
+    image-text composition ({"pixel_values": B×3×S×S[, "pixel_values_2": B×3×S×S]}), read by the side encoder.
     """
     if not model.backbone.is_encoder_decoder:
         raise UnsupportedModel(f"lst: generate is implemented for encoder-decoder backbones (text-to-text), "
@@ -38,12 +46,12 @@ def text_to_text_generate(model, input_ids, attention_mask=None, max_new_tokens:
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, input_ids, attention_mask, max_new_tokens, num_beams, stop_at_eos)
+        return _decode(model, input_ids, attention_mask, max_new_tokens, num_beams, stop_at_eos, visual or {})
     finally:
         model.train(was_training)
 
 
-def _decode(model, input_ids, attention_mask, max_new_tokens, k, stop_at_eos):
+def _decode(model, input_ids, attention_mask, max_new_tokens, k, stop_at_eos, visual):
     bb = model.backbone
     cfg = bb.config
     if attention_mask is None:
@@ -52,8 +60,9 @@ def _decode(model, input_ids, attention_mask, max_new_tokens, k, stop_at_eos):
     eos, pad = cfg.eos_token_id, cfg.pad_token_id or 0
     start = cfg.decoder_start_token_id or 0
 
-    enc_taps, ctx = model.encoder_taps({"input_ids": input_ids, "attention_mask": attention_mask})
-    s_enc = model.side_encode(enc_taps, ctx).repeat_interleave(k, 0)        # (B·k)×Ts×d'
+    enc_taps, ctx = model.encoder_taps({"input_ids": input_ids, "attention_mask": attention_mask, **visual})
+    # LST-VL: s_enc spans T+V positions, the backbone memory and the text mask T (side_decode adds ones(V)).
+    s_enc = model.side_encode(enc_taps, ctx).repeat_interleave(k, 0)        # (B·k)×(Ts[+V])×d'
     beams_ctx = {"memory": ctx["memory"].repeat_interleave(k, 0),          # (B·k)×Ts×d
                  "token_mask": attention_mask.repeat_interleave(k, 0)}      # (B·k)×Ts
     bb_cache = _new_cache(bb.stack_config(decoder=True))

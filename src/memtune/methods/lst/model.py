@@ -19,8 +19,9 @@ Forms (docs/methods/lst.md §3, §4):
 - LST-VL (backbones with "visual_side_tokens", `backbones/image_text.py`; docs/methods/vl.md §2): the backbone sees the
   text only; the side encoder reads s = W0·drop([e ; e_v]) over T+V positions, e_v = the trainable visual
   embedding of the frozen visual tokens (visual.py), with ladders zero at the visual positions; the T5 side
-  decoder cross-attends to all T+V side encoder positions. `generate` refuses it (it reads text only): decode
-  through the forward (`memtune.seq2seq.greedy_generate`).
+  decoder cross-attends to all T+V side encoder positions. `generate` takes the images (pixel_values, and
+  pixel_values_2 for two-image examples: V = 2·grid², image ids [0]×grid² + [1]×grid²) and decodes greedily or
+  with beams, the side encoder output, its mask and the side KV cache following the beams (generate.py).
 
 W0 reads e with one dropout draw: for T5 the raw embedding e with the side's own draw (the backbone's
 embedding dropout is separate, as in §3); for the other families the embedding output as the backbone's
@@ -332,12 +333,19 @@ class LSTModel(MemtuneModel):
 
     # -- text-to-text (encoder-decoders) ----------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
-                 stop_at_eos: bool = True):
+                 stop_at_eos: bool = True, pixel_values=None, pixel_values_2=None):
         """Text-to-text decoding with the LST output (greedy, or beam search with num_beams > 1).
-        Returns B×(1+n) ids starting with the decoder start token."""
+        Returns B×(1+n) ids starting with the decoder start token. LST-VL: pixel_values B×3×S×S (and
+        pixel_values_2 for a second image) go to the side encoder with the text."""
         from .generate import text_to_text_generate
 
-        if self.visual is not None:
-            raise ConfigError("lst.generate reads text inputs only; for an image-text model decode through the "
-                              "forward with pixel_values (memtune.seq2seq.greedy_generate)")
-        return text_to_text_generate(self, input_ids, attention_mask, max_new_tokens, num_beams, stop_at_eos)
+        visual = {k: v for k, v in (("pixel_values", pixel_values), ("pixel_values_2", pixel_values_2))
+                  if v is not None}
+        if self.visual is None and visual:
+            raise ConfigError("lst.generate: pixel_values given, but this model reads text only (it is not on an "
+                              "image-text composition)")
+        if self.visual is not None and "pixel_values" not in visual:
+            raise ConfigError("lst.generate on an image-text model needs pixel_values (B×3×S×S) beside the text "
+                              "(or decode through the forward: memtune.seq2seq.greedy_generate)")
+        return text_to_text_generate(self, input_ids, attention_mask, max_new_tokens, num_beams, stop_at_eos,
+                                     visual)

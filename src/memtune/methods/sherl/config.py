@@ -7,7 +7,9 @@ from typing import ClassVar, Optional
 from ..base import ConfigError, MethodConfig, check
 from ..common.compact_linear import TAP_STORAGES
 from ..common.trunk_cache import TrunkCacheOptions
+from .retrieval_options import RetrievalOptions
 
+FORMS = ("fused", "retrieval")
 PROJECTIONS = ("auto", "gated", "linear-ln")
 RESTORES = ("linear", "linear-ln")
 INITS = ("pytorch", "normal-0.01", "normal-0.02", "xavier")
@@ -36,8 +38,16 @@ def auto_recipe(is_encoder_decoder: bool, token_layout: str) -> str:
     return "t5" if is_encoder_decoder else "clip-vil" if token_layout == "grid" else "vse-text"
 
 
+class _FormModel:
+    """`SHERLConfig.model_class`: the model of the config's form (bound in the package's __init__.py, so that this
+    file holds data only). Read off the class (the registry, the support checks) it is the fused form's."""
+
+    def __get__(self, config, cls):
+        return cls.form_models["fused" if config is None else config.form]
+
+
 @dataclass
-class SHERLConfig(TrunkCacheOptions, MethodConfig):
+class SHERLConfig(RetrievalOptions, TrunkCacheOptions, MethodConfig):
     """SHERL (Diao et al., ECCV 2024): frozen early layers without a graph, a multi-tiered sensing adapter
     over their outputs, and the last pretrained layer(s) as a frozen late route.
 
@@ -55,7 +65,11 @@ class SHERLConfig(TrunkCacheOptions, MethodConfig):
     backbone with dropout. cache_*: the trunk cache of the early route (methods/common/trunk_cache.py;
     bert, vit, llama; refused on hierarchical backbones such as Swin, whose features differ per stage).
     On Swin the early outputs are pooled and projected to the guide's grid and width (stages.py) and
-    late_layers is at most the depth of the last stage."""
+    late_layers is at most the depth of the last stage.
+
+    form  "fused" (default: one stack and a head) or "retrieval" (an image-text composition as two towers, each
+          with its own MTSA and late layer, joined only by the cosine similarity of their embeddings;
+          retrieval.py, options in retrieval_options.py)"""
     name = "sherl"
     # The MTSA mixes the early outputs at one width: the backbone has one ("one_width"), or it declares its
     # stages ("stages", Swin), whose outputs are pooled and projected to the guide's grid and width. A
@@ -63,6 +77,9 @@ class SHERLConfig(TrunkCacheOptions, MethodConfig):
     requires = ()
     requires_one_of: ClassVar[tuple[str, ...]] = ("one_width", "stages")
     default_lr = 5e-4
+    model_class = _FormModel()
+    form_models: ClassVar[dict] = {}    # form → model class, bound in __init__.py
+    form: str = "fused"                 # FORMS: one fused stack, or two towers for retrieval
     recipe: str = "auto"                # the released fork to follow (RECIPES)
     r: Optional[int] = None             # side width d = hidden_size // r (None: the recipe's)
     late_layers: int = 1                # frozen blocks at the end that gradient flows through
@@ -121,4 +138,6 @@ class SHERLConfig(TrunkCacheOptions, MethodConfig):
               f"sherl.drop_every must be None or >= 0 (0 keeps every layer), got {self.drop_every}")
         check(self.tap_storage in TAP_STORAGES,
               f"sherl.tap_storage must be one of {', '.join(TAP_STORAGES)}, got {self.tap_storage!r}")
+        check(self.form in FORMS, f"sherl.form must be one of {', '.join(FORMS)}, got {self.form!r}")
+        self.validate_retrieval(self.form == "retrieval")
         self.validate_trunk_cache()

@@ -39,6 +39,10 @@ Choices where the description leaves room (each is tested in tests/methods/test_
   one stage (a ConfigError otherwise); when the guide's block ends a stage, its frozen transition runs on X̃,
   on the gradient path, before the late blocks. Then the backbone's final norm and pooling, as above. The
   trunk cache is refused there (its rows hold features of one shape, and these differ in width per stage).
+- Image-text compositions (capability "visual_side_tokens"; visual.py, docs/methods/vl.md §4 mode B): the text
+  backbone reads a frozen, RMS-matched visual prefix, F_0 = [P_b(v) ; text embedding] over V+T positions, the
+  MTSA reads all of them, and a trainable P_s(v), 0 at init, is added at the visual positions of X̃ (T5: of the
+  encoder MTSA's output, the late decoder blocks' memory); gradient still enters only the late block(s).
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ from ..base import ConfigError, MemtuneModel, check
 from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
 from .mtsa import MTSA, init_linears
 from .stages import StageProjection, early_route_in_stages, pool_to_grid
+from .visual import checksum_view, visual_side_projection
 
 
 def collected_blocks(num_early: int, drop_every: int) -> list[int]:
@@ -61,8 +66,11 @@ def collected_blocks(num_early: int, drop_every: int) -> list[int]:
 
 
 class SHERLModel(MemtuneModel):
+    visual_path = True           # SHERL-VL: a frozen visual prefix and P_s at the visual positions of X̃ (visual.py)
+
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
+        self.side_visual = visual_side_projection(backbone)  # P_s; None unless an image-text composition
         encoder_decoder = backbone.is_encoder_decoder
         depth = len(backbone.output_blocks)
         check(config.late_layers < depth,
@@ -160,9 +168,13 @@ class SHERLModel(MemtuneModel):
             def compute():                                     # the collected early outputs, B×K×D each
                 return bb.forward_intermediates(h, ctx, self.taps, stop=self.num_early, row_mask=real)[1]
 
-            feats = cached_trunk(cache, batch, mask, bb.input_keys, compute, h)
+            keys = batch if self.side_visual is None else checksum_view(batch, ctx["visual_prefix_length"],
+                                                                        bb.input_keys)
+            feats = cached_trunk(cache, keys, mask, bb.input_keys, compute, h)
             feats = [h if real is None else h * real] + feats
         x = self.mtsa(feats)                                   # X̃: B×K×D, the only graph so far
+        if self.side_visual is not None:                       # K = V+T: X̃ + [P_s(v) ; 0]
+            x = self.side_visual.add_at_visual_positions(x, ctx)
         for i in range(self.num_early, bb.num_layers):
             x = bb.run_block(i, x, ctx)                        # frozen weights, gradient flows through
         h = bb.finish(x, ctx)
@@ -194,7 +206,10 @@ class SHERLModel(MemtuneModel):
             y, dctx = bb.decoder_embed(batch, memory, ctx["token_mask"])
             _, dec_feats = bb.forward_intermediates(y, dctx, self.taps, stop=self.num_early, decoder=True)
         # The encoder MTSA output is the memory of the late decoder block(s) only: B×Ts×D.
-        dctx["memory"] = bb.finish_encoder(self.encoder_mtsa([h] + enc_feats), norm=self.encoder_side_norm)
+        side_memory = self.encoder_mtsa([h] + enc_feats)      # B×Ts×D (Ts = V+T on a composition)
+        if self.side_visual is not None:
+            side_memory = self.side_visual.add_at_visual_positions(side_memory, ctx)
+        dctx["memory"] = bb.finish_encoder(side_memory, norm=self.encoder_side_norm)
         x = self.mtsa([y] + dec_feats)                         # B×Tt×D
         for i in range(self.num_early, len(bb.decoder_blocks)):
             x = bb.run_decoder_block(i, x, dctx)

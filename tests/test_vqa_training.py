@@ -217,11 +217,12 @@ def test_saved_baseline_keeps_its_prefix(alias, num_labels, tmp_path):
 
 
 # -- the CLI, end to end -------------------------------------------------------------------------------------------
-def train_and_eval(capsys, tmp_path, model, task, method, *extra):
+def train_and_eval(capsys, tmp_path, model, task, method, *extra, train_limit=40, test_limit=20, steps=4):
+    """`memtune train` into tmp_path/method, then `memtune eval` of the saved run: (metrics.json, eval's JSON)."""
     out = tmp_path / method
-    assert main(["train", "--model", model, "--task", task, "--method", method, "--train-limit", "40",
-                 "--test-limit", "20", "--batch-size", "8", "--max-steps", "4", "--lr", "1e-2", "--max-length", "24",
-                 "--no-progress", "--out", str(out), *extra]) == 0
+    assert main(["train", "--model", model, "--task", task, "--method", method, "--train-limit", str(train_limit),
+                 "--test-limit", str(test_limit), "--batch-size", "8", "--max-steps", str(steps), "--lr", "1e-2",
+                 "--max-length", "24", "--no-progress", "--out", str(out), *extra]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     capsys.readouterr()
     assert main(["eval", "--model", model, "--adapter", str(out), "--no-progress"]) == 0

@@ -19,6 +19,9 @@ from memtune.evaluation import evaluate
 from memtune.methods import ConfigError, config_for
 from memtune.seq2seq import greedy_generate, label_targets
 
+from .methods.test_lst_vl import first_side_bias
+from .test_vqa_training import train_and_eval as vqa_train_and_eval
+
 V = 36                 # grid 6: 6×6 visual tokens per image
 IMAGE = 64             # tiny-vit patch 8: an 8×8 patch grid, pooled to 6×6
 IDS = torch.tensor([0] * V + [1] * V)          # the image ids of a two-image example
@@ -176,22 +179,11 @@ def test_lst_t5_backbone_reads_t_and_side_reads_t_plus_72():
 
 def test_t5_side_bias_stays_text_text_with_72_visual_tokens(monkeypatch):
     model = wrap().eval()
-    bb = model.backbone
     batch = pair_batch(model)
     T = batch["input_ids"].shape[1]
-    seen = {}
-    run = bb.run_side_block
-
-    def record(block, s, sctx):
-        out = run(block, s, sctx)
-        if "text_length" in sctx and "bias" not in seen:
-            seen["bias"], seen["mask"] = sctx["position_bias"], sctx["mask"]
-        return out
-    monkeypatch.setattr(bb, "run_side_block", record)
-    with torch.no_grad():
-        model(**batch)
-    unmasked = seen["bias"] - seen["mask"]
-    assert seen["mask"].shape == (3, 1, T + 72, T + 72) and (seen["mask"][:, :, :, T:] == 0).all()
+    bias, mask = first_side_bias(model, batch, monkeypatch)
+    unmasked = bias - mask
+    assert mask.shape == (3, 1, T + 72, T + 72) and (mask[:, :, :, T:] == 0).all()
     text_bias = model.stacks["encoder"].blocks["0"].layer[0].SelfAttention.compute_bias(T, T)
     assert torch.equal(unmasked[1:, :, :T, :T], text_bias.expand(2, -1, -1, -1))
     assert (unmasked[:, :, T:] == 0).all() and (unmasked[:, :, :, T:] == 0).all()
@@ -295,15 +287,9 @@ def test_lst_two_image_gradients_reach_the_visual_embedding_and_e_img_only_on_th
 
 # -- the CLI, end to end ----------------------------------------------------------------------------------------
 def train_and_eval(capsys, tmp_path, model, task, method, *extra):
-    out = tmp_path / method
-    assert main(["train", "--model", model, "--task", task, "--method", method, "--train-limit", "16",
-                 "--test-limit", "8", "--batch-size", "8", "--max-steps", "2", "--lr", "1e-2", "--max-length", "24",
-                 "--no-progress", "--out", str(out), *extra]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    capsys.readouterr()
-    assert main(["eval", "--model", model, "--adapter", str(out), "--no-progress"]) == 0
-    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    return metrics, evaluated, out
+    """The VQA CLI round trip on 16 / 8 examples, 2 steps: (metrics.json, eval's JSON, the run folder)."""
+    return (*vqa_train_and_eval(capsys, tmp_path, model, task, method, *extra, train_limit=16, test_limit=8,
+                                steps=2), tmp_path / method)
 
 
 @pytest.mark.parametrize("method", ["lst", "lora"])

@@ -16,6 +16,8 @@ from memtune.methods.lst import LSTModel
 from memtune.methods.lst.visual import VisualSideEmbedding
 from memtune.seq2seq import greedy_generate
 
+from .side_helpers import randomize_side
+
 V = 36                 # the default grid 6 → 6×6 visual tokens
 IMAGE = 64             # tiny-vit patch 8: an 8×8 patch grid, pooled to 6×6
 
@@ -63,16 +65,6 @@ def text_blocks(model):
 def vision_blocks(model):
     return list(model.backbone.vision.blocks)
 
-
-def randomize_side(model, seed=3):
-    """Larger side weights, so outputs vary with the inputs (the N(0, 0.01²) init is nearly constant)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.up.weight.copy_(torch.randn(model.up.weight.shape, generator=g) * 3)
-        for s in model.stacks.values():
-            for lad in s.ladders.values():
-                lad.weight.copy_(torch.randn(lad.weight.shape, generator=g) * 0.3)
-    return model
 
 
 # -- the composition --------------------------------------------------------------------------------------------
@@ -283,12 +275,9 @@ def test_visual_gradient_flows_through_w0_only(alias, num_labels):
 
 
 # -- §5.7: the side relative bias ----------------------------------------------------------------------------------
-def test_side_bias_is_t5s_on_the_text_block_and_zero_with_visual_tokens(monkeypatch):
-    model = wrap().eval()
-    bb = model.backbone
-    batch = vl_batch(model)                                             # example 0 has 3 padded text tokens
-    T = batch["input_ids"].shape[1]
-    seen = {}
+def first_side_bias(model, batch, monkeypatch):
+    """(position bias, additive mask) that the first side block of the side encoder receives on `batch`."""
+    bb, seen = model.backbone, {}
     run = bb.run_side_block
 
     def record(block, s, sctx):
@@ -299,7 +288,14 @@ def test_side_bias_is_t5s_on_the_text_block_and_zero_with_visual_tokens(monkeypa
     monkeypatch.setattr(bb, "run_side_block", record)
     with torch.no_grad():
         model(**batch)
-    bias, mask = seen["bias"], seen["mask"]
+    return seen["bias"], seen["mask"]
+
+
+def test_side_bias_is_t5s_on_the_text_block_and_zero_with_visual_tokens(monkeypatch):
+    model = wrap().eval()
+    batch = vl_batch(model)                                             # example 0 has 3 padded text tokens
+    T = batch["input_ids"].shape[1]
+    bias, mask = first_side_bias(model, batch, monkeypatch)
     L = T + V
     assert mask.shape == (3, 1, L, L)
     assert (mask[:, :, :, T:] == 0).all() and (mask[1:] == 0).all()     # visual keys and full rows: visible

@@ -244,6 +244,20 @@ def vqa_section() -> str:
         (HERE / "vqa-digits-b1" / "results.md").read_text().strip(), ""])
 
 
+def retrieval_section() -> str:
+    """SHERL's retrieval form on real weights (benchmarks/retrieval_captions.py)."""
+    path = HERE / "retrieval-digits-captions" / "results.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    return "\n".join([
+        "## CPU: SHERL retrieval (two towers), DINOv2-S and MiniLM on digits-captions", "",
+        "Command: `python benchmarks/retrieval_captions.py` (" + "; ".join(f"`{c}`" for c in data["commands"]) + "). "
+        "Recall@k on 500 test images and their captions, both ways (i2t: image → caption), a hit being an item of "
+        "the query's class; rsum is the sum of the six. Budget: one CPU thread, one seed.", "",
+        (HERE / "retrieval-digits-captions" / "results.md").read_text().strip(), ""])
+
+
 def trunk_cache_targets(add) -> None:
     """Issue 20: with the trunk cache, epochs 2+ of each side method take ≤ 0.25 × full fine-tuning's epoch."""
     path = HERE / "side_trunk_cache.json"
@@ -492,6 +506,7 @@ def main():
                                                       "80 steps)"))
     parts.append(convergence_section())
     parts.append(vqa_section())
+    parts.append(retrieval_section())
     parts.append(step_time_section())
     parts.append(plan_large_section())
     parts.append(smollm2_section())

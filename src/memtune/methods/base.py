@@ -145,6 +145,9 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
     # True for methods with their own visual path on a composition (LST-VL's side tokens, SHERL-VL); a method
     # with neither would train on the text alone, so a composition is refused for it.
     visual_path: ClassVar[bool] = False
+    # The objective of a model whose objective does not follow from num_labels and the backbone (`objective_for`):
+    # SHERL's retrieval towers ("retrieval": no head, a loss over image-caption similarities). None elsewhere.
+    fixed_objective: ClassVar[str | None] = None
 
     def __init__(self, backbone: Backbone, config: MethodConfig, num_labels: int | None = None):
         super().__init__()
@@ -160,7 +163,7 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
             backbone.add_visual_prefix()
         self.method_config = config
         self.base_name: str = ""
-        self.objective = objective_for(backbone, num_labels)
+        self.objective = self.fixed_objective or objective_for(backbone, num_labels)
         self.num_labels = num_labels
         # seq2seq: the text each class is generated as, in class order (`wrap(..., label_words=)`).
         self.label_words: list[str] | None = None

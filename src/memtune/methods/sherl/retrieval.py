@@ -113,12 +113,9 @@ class SHERLRetrievalModel(MemtuneModel):
     """Two SHERL towers over an image-text composition, fused only by cosine similarity (module docstring)."""
 
     visual_path = True          # the image goes through its own tower (the text backbone never sees it)
+    fixed_objective = "retrieval"   # no head and no LM head: the loss reads the B×B similarities
 
     def __init__(self, backbone, config, num_labels=None):
-        # MemtuneModel.__init__ derives the objective from num_labels (a head, or the backbone's LM head); a
-        # retrieval model has neither, so the shared attributes are set here, its checks first.
-        nn.Module.__init__(self)
-        config.check_family(backbone)
         vision = getattr(backbone, "vision", None)
         check(vision is not None and "visual_side_tokens" in backbone.capabilities,
               f"sherl form=retrieval needs an image-text composition (memtune.compose(vision, text), or an alias "
@@ -130,13 +127,7 @@ class SHERLRetrievalModel(MemtuneModel):
                                   f"images and captions); wrap it without num_labels, got {num_labels}")
         check(not config.cache_trunk, "sherl form=retrieval does not support cache_trunk (two towers with inputs "
                                       "of their own); use cache_trunk=false")
-        self.backbone = backbone
-        self.method_config = config
-        self.base_name = ""
-        self.objective = "retrieval"
-        self.num_labels = None
-        self.label_words = None
-        self.head = None
+        super().__init__(backbone, config, num_labels)
         self.text_tower = SHERLTower(backbone, config, "text")
         self.image_tower = SHERLTower(vision, config, "image")
         self.text_fc = nn.Linear(backbone.feature_size, config.embed_size)          # F_txt → E

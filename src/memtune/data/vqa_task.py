@@ -95,7 +95,8 @@ def ablate(examples: list[dict], what: str) -> list[dict]:
     """Single-modality controls (docs/methods/vl.md §5.11): copies of image-text `examples` with one modality
     removed. "image": every image (and a two-image example's "image2") becomes a blank (all-zero) array of its
     shape, so the visual tokens are one constant for the whole split; "question": every text becomes "", so the
-    text backbone sees only its special tokens. A model that needs both modalities falls to the template's chance rate under either."""
+    text backbone sees only its special tokens. A model that needs both modalities falls to the template's
+    chance rate under either."""
     if what not in ABLATIONS:
         raise TaskError(f"ablation {what!r} is not one of {', '.join(ABLATIONS)}")
     if what == "image":                        # both images of a two-image example

@@ -44,6 +44,25 @@ def tiny_batch(model, batch_size=2, length=12, labels=True):
     return b
 
 
+def write_image_folder(root, classes=("a", "b"), per_class=6):
+    """An image-folder task under `root`: one sub-folder per class of random 8×8 RGB PNGs (seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(g.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Two classes of six random 8×8 PNGs."""
+    return write_image_folder(tmp_path / "images")
+
+
 @pytest.fixture
 def real_model_threads():
     """Real-size models do use both cores; back to one thread afterwards."""

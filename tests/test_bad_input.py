@@ -79,7 +79,8 @@ TRAIN_CASES = {
     "batch size 10**9": (["--task", "csv:{ok}", "--batch-size", BIG], "--batch-size must be between 1 and 65536"),
     "eval batch size 10**9": (["--task", "csv:{ok}", "--eval-batch-size", BIG], "--eval-batch-size must be between"),
     "side network on an unsupported family": (["--model", "tiny-t5", "--task", "csv:{ok}", "--method", "dtl"],
-                                              "does not support the t5 family; supported families: bert, vit"),
+                                              "does not support the t5 family (it is not one bidirectional "
+                                              "encoder stack); supported families: bert, vit"),
     "resume: folder without checkpoints": (["--task", "csv:{ok}", "--resume", "{ok}"],
                                            "no complete training checkpoint"),
     "resume: checkpoint of another method": (["--task", "csv:{ok}", "--method", "ia3", "--resume", "{run}"],

@@ -9,6 +9,7 @@ import memtune
 from memtune.cli import main
 from memtune.models import TINY, load_model
 
+from .conftest import write_image_folder
 from .contract_helpers import CLS, refusal
 
 
@@ -17,15 +18,7 @@ def tiny_data(tmp_path):
     """A 12-row text csv and a 12-image folder (two classes of 8×8 PNGs)."""
     csv = tmp_path / "text.csv"
     csv.write_text("text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} film {i},{i % 2}\n" for i in range(12)))
-    import numpy as np
-    from PIL import Image
-
-    images = tmp_path / "images"
-    g = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (images / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(g.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(images / c / f"{i}.png")
+    images = write_image_folder(tmp_path / "images")
     return {"text": f"csv:{csv}", "image": str(images)}
 
 

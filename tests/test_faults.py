@@ -316,15 +316,33 @@ def test_resume_refuses_a_checkpoint_with_a_damaged_optimizer_file(tmp_path, csv
 
 
 # -- a side-network method on a family it does not support --------------------------------------------
-@pytest.mark.parametrize("method,model,family", [("dtl", "tiny-t5", "t5"), ("dtl+", "tiny-t5", "t5"),
-                                                 ("meft1", "tiny-swin", "swin"), ("meft2", "tiny-swin", "swin"),
-                                                 ("meft3", "tiny-swin", "swin")])
-def test_unsupported_family_names_the_supported_ones(method, model, family):
+@pytest.mark.parametrize("method,model,family,reason", [
+    ("dtl", "tiny-t5", "t5", "it is not one bidirectional encoder stack"),
+    ("dtl+", "tiny-t5", "t5", "it is not one bidirectional encoder stack"),
+    ("meft1", "tiny-swin", "swin", "its width doubles at each patch merging between stages"),
+    ("meft2", "tiny-swin", "swin", "its width doubles at each patch merging between stages"),
+    ("meft3", "tiny-gpt-neox", "gpt_neox", "parallel residual (use_parallel_residual)")])
+def test_unsupported_family_says_why_and_names_the_supported_ones(method, model, family, reason):
     families = memtune.METHODS[method].supported_families()
     assert family not in families
     with pytest.raises(ConfigError) as e:
         memtune.wrap(memtune.load_model(model), method, num_labels=2)
-    assert f"does not support the {family} family; supported families: {', '.join(families)}" in str(e.value)
+    message = str(e.value)
+    assert message.startswith(f"method {method!r} does not support the {family} family ("), message
+    assert reason in message and message.endswith(f"); supported families: {', '.join(families)}"), message
+
+
+def test_a_model_that_lacks_a_capability_of_its_family_says_its_own_reason():
+    # OPT-350m's shape: a 32-wide embedding and LM head around 64-wide blocks (project_in / project_out).
+    from transformers import AutoModelForCausalLM
+
+    from memtune.backbones.opt import OPTBackbone
+
+    config = OPTBackbone.tiny_configs()["tiny-opt"]
+    config.word_embed_proj_dim = 32
+    with pytest.raises(ConfigError, match=r"family \(its embedding and LM head are 32 wide \(project_in / "
+                                          r"project_out\), not the blocks' 64\); supported families"):
+        memtune.wrap(AutoModelForCausalLM.from_config(config), "lst")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -1,5 +1,6 @@
-"""Helpers shared by the side-network methods' tests: a seeded padded batch, and training over fixed epochs
-while counting the frozen trunk's forward calls (what a trunk cache saves)."""
+"""Helpers shared by the side-network methods' tests: a seeded padded batch, training over fixed epochs
+while counting the frozen trunk's forward calls (what a trunk cache saves), the no-graph check on the frozen
+blocks, and the check of LST's pruning records."""
 from __future__ import annotations
 
 import torch
@@ -68,3 +69,74 @@ def fit_fixed_batch(model, batch, lr: float, steps: int) -> tuple[float, float]:
         model(**batch).loss.backward()
         opt.step()
     return first, model(**batch).loss.item()
+
+
+def assert_blocks_keep_no_graph(model, blocks, batch) -> None:
+    """One training forward and backward of `model` on `batch`: nothing is saved for backward inside `blocks`
+    (the frozen trunk runs without autograd), their outputs carry no graph, and no backbone parameter gets a
+    gradient."""
+    from memtune.memory.saved import count_saved_inside
+
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+             for b in blocks]
+    with count_saved_inside(blocks, model) as inside:
+        loss = model(**batch).loss
+    for h in hooks:
+        h.remove()
+    loss.backward()
+    assert inside.count == 0 and inside.bytes == 0
+    assert len(outputs) == len(blocks) and all(o.grad_fn is None and not o.requires_grad for o in outputs)
+    # Embedding, every block, final norm and (decoders) the LM head: all in `backbone`, none has a grad.
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def assert_pruning_records_hold(model) -> dict:
+    """Every LST pruning record (side parameter → backbone parameter, kept rows, kept columns) is an exact
+    copy of that slice; returns the records."""
+    records = model.pruning_records
+    for side_name, (src_name, rows, cols) in records.items():
+        w = model.get_parameter(src_name)
+        if rows is not None:
+            w = w[rows]
+        if cols is not None:
+            w = w[:, cols]
+        assert torch.equal(model.get_parameter(side_name), w), side_name
+    return records
+
+
+def assert_side_checkpointing_matches(make_model, make_batch=batch_for) -> None:
+    """QST's side_checkpointing: `make_model(ckpt)` builds the same seeded model with it off and on; the loss
+    and every gradient agree (the same dropout draws), and fewer bytes are saved for backward with it on."""
+    from memtune.memory.saved import saved_bytes
+
+    runs = {}
+    for ckpt in (False, True):
+        model = make_model(ckpt).train()
+        batch = make_batch(model)
+        torch.manual_seed(7)
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.trainable_named_parameters()}
+        torch.manual_seed(7)
+        runs[ckpt] = (loss.detach(), grads, saved_bytes(model, lambda: model(**batch).loss))
+    (l0, g0, b0), (l1, g1, b1) = runs[False], runs[True]
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert b1 < b0
+
+
+def assert_quantized_start_and_training(model, batch) -> None:
+    """A side method on a 4-bit backbone: in eval mode it starts at the quantized backbone's own prediction
+    (head of its pooled output), a fixed batch's loss halves in 20 AdamW steps, and no backbone parameter
+    gets a gradient."""
+    bb = model.backbone
+    model.eval()
+    with torch.no_grad():
+        h, ctx = bb(batch)
+        assert torch.equal(model(**batch).logits, model.head(bb.pool(h, ctx)))
+    first, last = fit_fixed_batch(model, batch, lr=3e-2, steps=20)
+    assert last < 0.5 * first
+    assert all(p.grad is None for p in bb.parameters())

@@ -12,7 +12,7 @@ from memtune.methods import ConfigError, config_for
 from memtune.methods.lst import LSTConfig, LSTModel
 from memtune.methods.lst import model as lst_model_module
 
-from .side_helpers import batch_for, fit_fixed_batch, randomize_side
+from .side_helpers import assert_pruning_records_hold, batch_for, fit_fixed_batch, randomize_side
 
 FAMILIES = [("tiny-bert", 3), ("tiny-vit", 3), ("tiny-dinov2", 3), ("tiny-t5", 3), ("tiny-llama", 3),
             ("tiny-llama", None), ("tiny-opt", 3), ("tiny-opt", None), ("tiny-distilbert", 3), ("tiny-gpt2", 3),
@@ -219,14 +219,7 @@ QKV = {"tiny-t5": ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v"),
                                   "tiny-siglip-vision", "tiny-modernbert"])   # CLIP: no final token norm
 def test_pruning_copies_recorded_slices(name):
     model = wrap(name, keep_layers=(0, 2, 3))
-    records = model.pruning_records
-    for side_name, (src_name, rows, cols) in records.items():
-        w = model.get_parameter(src_name)
-        if rows is not None:
-            w = w[rows]
-        if cols is not None:
-            w = w[:, cols]
-        assert torch.equal(model.get_parameter(side_name), w), side_name
+    records = assert_pruning_records_hold(model)
     # Every side block parameter and every side final-norm parameter comes from the backbone.
     side_params = [n for n, _ in model.named_parameters()
                    if n.startswith("stacks.") and (".blocks." in n or ".norm." in n)]

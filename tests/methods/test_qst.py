@@ -15,13 +15,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import memtune
 from memtune.cli import main
-from memtune.memory.saved import count_saved_inside, saved_bytes
 from memtune.methods import ConfigError, config_for
 from memtune.methods.qst import QSTConfig, QSTModel
 from memtune.methods.qst.downsample import AdapterDownsample, ChannelPool, make_downsample
 
 from ..conftest import has_package
-from .side_helpers import batch_for, fit_fixed_batch
+from .side_helpers import assert_blocks_keep_no_graph, assert_side_checkpointing_matches, batch_for, fit_fixed_batch
 
 SPEC_LLAMA = dict(vocab_size=100, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=3)
@@ -123,19 +122,7 @@ def test_cli_refuses_a_reduction_factor_that_does_not_fit(capsys, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_backbone_records_no_graph_and_gets_no_grad(kind):
     model = make(kind).train()
-    blocks = list(model.backbone.blocks)
-    outputs = []
-    hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-             for b in blocks]
-    with count_saved_inside(blocks, model) as inside:
-        loss = model(**batch_for(model)).loss
-    for h in hooks:
-        h.remove()
-    loss.backward()
-    assert inside.count == 0 and inside.bytes == 0
-    assert len(outputs) == len(blocks) and all(o.grad_fn is None and not o.requires_grad for o in outputs)
-    # Embedding, every block, final norm and (decoders) the LM head: all in `backbone`, none has a grad.
-    assert all(p.grad is None for p in model.backbone.parameters())
+    assert_blocks_keep_no_graph(model, list(model.backbone.blocks), batch_for(model))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -357,22 +344,7 @@ def test_code_mode_gates_mix_and_its_limits():
 # -- §9.10: gradient checkpointing of the side steps -----------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama-lm", "tiny-bert"])
 def test_side_checkpointing_gives_the_same_loss_and_gradients_and_saves_less(kind):
-    runs = {}
-    for ckpt in (False, True):
-        model = make(kind, side_checkpointing=ckpt).train()     # same seed: same weights
-        batch = batch_for(model)
-        torch.manual_seed(7)                                        # same dropout draws (BERT: p = 0.1)
-        loss = model(**batch).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.trainable_named_parameters()}
-        torch.manual_seed(7)
-        runs[ckpt] = (loss.detach(), grads, saved_bytes(model, lambda: model(**batch).loss))
-    (l0, g0, b0), (l1, g1, b1) = runs[False], runs[True]
-    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
-    assert g0.keys() == g1.keys()
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
-    assert b1 < b0
+    assert_side_checkpointing_matches(lambda ckpt: make(kind, side_checkpointing=ckpt))   # same seed, weights
 
 
 # -- training and checkpoints ----------------------------------------------------------------------------------------
@@ -389,11 +361,7 @@ def test_loss_falls_on_a_fixed_batch(kind):
 def test_save_and_load_give_bit_identical_outputs(name, num_labels, tmp_path):
     model = wrap_tiny(name, num_labels, r=4, mix="sigmoid").train()
     batch = batch_for(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
+    fit_fixed_batch(model, batch, lr=1e-2, steps=2)                 # trained weights to save
     model.eval().save_pretrained(tmp_path)
     torch.manual_seed(123)                                      # a different fresh init: the load must overwrite it
     loaded = memtune.load(name, tmp_path).eval()

@@ -57,6 +57,21 @@ def residual_sublayer(x: torch.Tensor, branch, norm, position: str, branch_hook=
     return x + u if position == "pre" else norm(x + u)
 
 
+# A capability's absence in words, for the refusals of the methods that need it (Backbone.why_lacking).
+CAPABILITY_GAPS = {
+    "encoder": "it is not one bidirectional encoder stack",
+    "decoder": "it is not one causal decoder stack",
+    "single_stack": "it has two stacks, an encoder and a decoder",
+    "encoder_decoder": "it has no decoder stack beside an encoder",
+    "sublayers": "its blocks are not exposed as an attention and a feed-forward residual sub-layer",
+    "decoder_sublayers": "it has no decoder blocks with self-attention, cross-attention and feed-forward sub-layers",
+    "side_network": "it has no side-network hooks (narrow copies of its own blocks)",
+    "stages": "it has no hierarchical stages",
+    "one_width": "its width changes from stage to stage, and the method's modules have one width d",
+    "visual_side_tokens": "it is not an image-text composition",
+}
+
+
 class Backbone(nn.Module):
     family: ClassVar[str] = ""
     # Batch keys the model reads (the rest, e.g. `labels`, is the method's business).
@@ -83,6 +98,9 @@ class Backbone(nn.Module):
     # False for hierarchical backbones whose width changes per stage (Swin); they then lack "one_width", which
     # the methods whose side modules have one width d require.
     one_width: ClassVar[bool] = True
+    # Why this family (or this model of it) lacks a capability, where the reason is its own (a parallel
+    # residual, an embedding narrower than the blocks); `why_lacking` falls back to CAPABILITY_GAPS.
+    gaps: ClassVar[dict[str, str]] = {}
     # Where each block normalises: "post" (x → LN(x + branch(x)), BERT) or "pre" (x + branch(Norm(x))).
     norm_position: ClassVar[str] = "pre"
     # "sequence", or "grid" when the last rows·cols tokens form the patch grid ctx["grid"] = (rows, cols).
@@ -100,6 +118,10 @@ class Backbone(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    def why_lacking(self, capability: str) -> str:
+        """What a method needing `capability` would miss here, in words (for its refusal)."""
+        return self.gaps.get(capability) or CAPABILITY_GAPS.get(capability, f"it lacks {capability!r}")
 
     # -- shape facts -------------------------------------------------------------------------
     @property

@@ -95,6 +95,8 @@ class DebertaV2Backbone(SideNetworkHooks, Backbone):
             # The convolution mixes block 0's input into its output after the FFN's LayerNorm, so block 0 is
             # not the composition of two residual sub-layers.
             self.capabilities = type(self).capabilities - {"sublayers"}
+            self.gaps = {"sublayers": "its encoder convolution (conv_kernel_size) mixes block 0's input into its "
+                                      "output, so block 0 is not two residual sub-layers"}
 
     @property
     def encoder(self):

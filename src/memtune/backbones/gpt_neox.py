@@ -36,6 +36,8 @@ class GPTNeoXBackbone(SideNetworkHooks, Backbone):
     # "sublayers" only for sequential-residual blocks (added per model in __init__): a parallel block is
     # x + f(LN₁(x)) + g(LN₂(x)), not g∘f, so MEFT's two reversible sub-layers would change what it computes.
     capabilities = frozenset({"decoder", "single_stack", "side_network"})
+    gaps = {"sublayers": "its blocks use a parallel residual (use_parallel_residual), x + Attn(LN₁(x)) + "
+                         "MLP(LN₂(x)), not an attention sub-layer followed by a feed-forward one"}
 
     def __init__(self, model):
         super().__init__(model)

@@ -34,6 +34,8 @@ class OPTBackbone(SideNetworkHooks, Backbone):
             # A side network reads and writes the block width; OPT-350m's 512-wide embedding and LM head
             # sit on the other side of project_in / project_out.
             self.capabilities = self.capabilities - {"side_network"}
+            self.gaps = {"side_network": f"its embedding and LM head are {model.config.word_embed_proj_dim} wide "
+                                         f"(project_in / project_out), not the blocks' {model.config.hidden_size}"}
 
     @property
     def decoder(self):

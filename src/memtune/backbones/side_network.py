@@ -154,6 +154,9 @@ class SideNetworkHooks:
     side_attention_dropout_field: ClassVar[str | None] = None
     # Parameters of backbone block 0 that the first side block of a stack copies whole (not pruned).
     side_shared_tables: ClassVar[tuple[str, ...]] = ()
+    # Parameters that every side block copies whole from the backbone block it mirrors (Swin's per-block
+    # relative-position tables; H is kept, so they are not pruned).
+    side_block_tables: ClassVar[tuple[str, ...]] = ()
 
     def stack_config(self, decoder: bool = False):
         """The Hugging Face config the blocks of the (decoder) stack were built from."""

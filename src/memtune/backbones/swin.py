@@ -7,19 +7,39 @@ over all tokens (HF's pooler); there is no [CLS] token.
 
 The blocks (HF `SwinLayer`s) are one flat list in stage order, and the width changes per stage, so the
 backbone states its stages (`stage_starts`, `block_widths`, base.py), declares the "stages" capability (SHERL
-then pools and projects each stage's outputs to its guide's grid and width) and sets `one_width = False`: LST,
-QST (side networks of width d/r) and MEFT (reversible couplings of width d) are refused through "side_network"
-and "sublayers", which Swin does not declare.
+then pools and projects each stage's outputs to its guide's grid and width) and sets `one_width = False`: MEFT
+(reversible couplings of width d) is refused through "sublayers", which Swin does not declare.
+
+LST's and QST's side networks are staged like the backbone ("side_network"; docs/methods/lst.md and qst.md,
+"Swin"): side blocks are `SwinLayer`s at width d'_s = H_s·round(C_s/(r·H_s)) per stage s (heads kept; QST:
+exactly C_s/r), with the window size and shift of the block they mirror, on the same grid; after the last block
+of a stage a trainable side patch merging (`SwinPatchMerging` at width d'_s: LayerNorm(4d'_s),
+Linear(4d'_s → 2d'_s)) takes the side state to the next stage. The hooks beyond `SideNetworkHooks` that a
+staged side network needs are grouped below ("staged side networks").
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .base import Backbone, UnsupportedModel
+from .side_network import PruneGroup, SideNetworkHooks, nearest_width, norm_step
 
 
-class SwinBackbone(Backbone):
+@dataclass(frozen=True)
+class PruneMerge:
+    """A patch merging in LST's pruning chain (docs/methods/lst.md "Swin"). Its input concatenates `parts`
+    neighbour copies of the residual stream (part k holds dims k·C .. k·C + C − 1), so the residual index set
+    P (C wide) is tiled as k·C + P for every part: the norm at `norm` (4C wide) takes the tiled dims, the
+    linear at `linear` (4C → 2C) takes them as its columns and keeps its own top rows, the next stage's P."""
+    norm: str = "norm"
+    linear: str = "reduction"
+    parts: int = 4
+
+
+class SwinBackbone(SideNetworkHooks, Backbone):
     family = "swin"
     input_keys = ("pixel_values",)
     lora_targets = ("q_proj", "v_proj")
@@ -27,8 +47,10 @@ class SwinBackbone(Backbone):
     ia3_feedforward = ("mlp.fc2",)
     # The blocks' sub-layer outputs; the patch merging's `reduction` is a stage transition, not a site.
     adapter_sites = ("attention.o_proj", "mlp.fc2")
-    capabilities = frozenset({"encoder", "single_stack", "stages"})   # stages: base.py "stages" section
+    capabilities = frozenset({"encoder", "single_stack", "stages", "side_network"})   # stages: base.py "stages"
     one_width = False
+    gaps = {"sublayers": "its width doubles at each patch merging between stages, so no reversible coupling of one "
+                         "width runs through the stack"}
     token_layout = "grid"                 # every token is a patch-grid cell (no [CLS]); the grid shrinks per stage
 
     def __init__(self, model):
@@ -113,6 +135,111 @@ class SwinBackbone(Backbone):
         # HF's layers shrink their window (in place) for every later input.
         size = self.config.image_size
         return {"pixel_values": torch.randn(batch_size, 3, size, size, device=device)}
+
+    # -- side networks (LST; see side_network.py and docs/methods/lst.md "Swin") ----------------------------
+    # One side config serves every stage: SwinLayer takes its width and head count as arguments and reads the
+    # rest (window size, MLP ratio, dropouts, LayerNorm eps, attention kernel) from the config. The config
+    # carries the per-stage side widths (`side_stage_widths`) and the backbone layers its side blocks mirror
+    # (`side_layers`), since num_hidden_layers is an alias of num_layers (the stage count) here.
+    # "auto" is eager: SwinAttention hands its trainable relative-position bias (plus the shift mask) to the kernel
+    # as an additive mask, and a mask that needs a gradient keeps PyTorch's CPU SDPA on the map-storing math path
+    # (the same saved bytes as eager), which memtune's planner does not model. attention="sdpa" runs it anyway.
+    fused_side_attention = False
+    side_dropout_fields = ("hidden_dropout_prob",)
+    side_attention_dropout_field = "attention_probs_dropout_prob"
+
+    def side_widths(self, config, r, heads, exact):
+        """d'_s = H_s·round(C_s/(r·H_s)) per stage (head width round(d_kv/r), at least 1; exact: C_s/r), with
+        embed_dim = d'_0 and hidden_size = d'_last, the widths W0 writes and W_up reads."""
+        widths = []
+        for s, H in enumerate(config.num_heads):
+            C = int(config.embed_dim * 2 ** s)
+            widths.append(C // r if exact else H * nearest_width(C, r * H))
+        return {"embed_dim": widths[0], "hidden_size": widths[-1], "side_stage_widths": tuple(widths)}
+
+    def side_width_problem(self, r, heads=None):
+        """Why the exact widths d'_s = C_s/r (QST) do not fit some stage s, or None: r must divide every stage width
+        C_s, and C_s/r must be divisible by that stage's head count H_s (kept; heads: one count for every stage)."""
+        for s, H in enumerate(self.config.num_heads):
+            C, H = int(self.config.embed_dim * 2 ** s), H if heads is None else heads
+            if C % r:
+                return f"stage {s}'s width {C} is not divisible by r={r}"
+            if (C // r) % H:
+                return f"stage {s}'s side width {C}/r={C // r} is not divisible by its {H} attention heads (kept)"
+        return None
+
+    def side_config(self, stack_config, r, keep=None, dropout=None, attention="auto", attention_dropout=None,
+                    heads=None, exact=False):
+        """`SideNetworkHooks.side_config`, recording the mirrored layers in `side_layers` (all without keep)."""
+        c = super().side_config(stack_config, r, None, dropout, attention, attention_dropout, heads, exact)
+        c.side_layers = tuple(range(self.num_layers)) if keep is None else tuple(keep)
+        return c
+
+    def make_side_block(self, cfg, index, decoder=False):
+        """The side block mirroring layer i = cfg.side_layers[index]: a SwinLayer at width d'_s with the heads of
+        stage s, no stochastic depth, and the shift of HF's SwinStage (0 on even blocks of a stage, half a window
+        on odd ones, as backbone block i). Like it, the block turns shifting off on a grid ≤ the window."""
+        from transformers.models.swin.modeling_swin import SwinLayer
+
+        i = cfg.side_layers[index]
+        s = self._stage_of[i]
+        shift = 0 if (i - self._starts[s]) % 2 == 0 else cfg.window_size // 2
+        block = SwinLayer(cfg, dim=cfg.side_stage_widths[s], input_resolution=self.blocks[i].input_resolution,
+                          num_heads=cfg.num_heads[s], shift_size=shift)
+        block.side_stage = s                                           # which of ctx["stage_grids"] it sees
+        return block
+
+    def side_norm(self, d_side, cfg):
+        return nn.LayerNorm(d_side, eps=cfg.layer_norm_eps)
+
+    def side_context(self, s, ctx, cfg, rotary=None, cache=None):
+        return {"stage_grids": ctx["stage_grids"]}        # the shift masks are the side blocks' own (per grid)
+
+    def run_side_block(self, block, s, sctx):
+        out, _ = block(s, sctx["stage_grids"][block.side_stage])      # B×T_s×d'_s
+        return out
+
+    @property
+    def pruning_embedding(self):
+        return self.model.embeddings.patch_embeddings.projection.weight      # C_0×3×p×p
+
+    def pruning_plan(self, block):
+        return [norm_step(block, "layernorm_before"),
+                PruneGroup(("attention.q_proj", "attention.k_proj", "attention.v_proj"), "attention.o_proj"),
+                norm_step(block, "layernorm_after"), PruneGroup(("mlp.fc1",), "mlp.fc2")]
+
+    # -- staged side networks (LST; docs/methods/lst.md "Swin") -------------------------------------------------
+    # Every side block copies its own backbone block's relative-position table ((2W−1)²×H_s) whole.
+    side_block_tables = ("attention.relative_position_bias.relative_position_bias_table",)
+    merge_pruning = PruneMerge()
+
+    def side_block_widths(self, cfg) -> tuple[int, ...]:
+        """d'_i of each backbone block i: its stage's side width."""
+        return tuple(cfg.side_stage_widths[s] for s in self._stage_of)
+
+    def stage_merges(self) -> dict[int, nn.Module]:
+        """Block index → the frozen patch merging after it (the last block of each stage that has one)."""
+        return {self._starts[s] + len(stage.blocks) - 1: stage.downsample
+                for s, stage in enumerate(self.stages) if stage.downsample is not None}
+
+    def make_side_transitions(self, cfg) -> dict[int, nn.Module]:
+        """Block index → the trainable side patch merging after it: LayerNorm(4d'_s) and Linear(4d'_s → d'_(s+1)),
+        d'_(s+1) = 2d'_s whenever the rounding of the per-stage widths keeps the backbone's doubling."""
+        from transformers.models.swin.modeling_swin import SwinPatchMerging
+
+        out = {}
+        for i in self.stage_merges():
+            s = self._stage_of[i]
+            d, d_next = cfg.side_stage_widths[s], cfg.side_stage_widths[s + 1]
+            merge = SwinPatchMerging(d)
+            if d_next != 2 * d:
+                merge.reduction = nn.Linear(4 * d, d_next, bias=False)
+            merge.side_stage = s
+            out[i] = merge
+        return out
+
+    def run_side_transition(self, merge, s, sctx):
+        return merge(s, sctx["stage_grids"][merge.side_stage])        # B×T_s×d'_s → B×⌈T_s/4⌉×d'_(s+1)
 
     # -- planner facts (see Backbone) --------------------------------------------------------------------
     modality = "image"

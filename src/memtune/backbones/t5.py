@@ -189,6 +189,16 @@ class T5Backbone(SideNetworkHooks, Backbone):
             return x // r if exact else nearest_width(x, r)
         return {"d_model": width(config.d_model), "d_ff": width(config.d_ff), "d_kv": width(config.d_kv)}
 
+    def side_width_problem(self, r, heads=None):
+        """Exact widths (QST): d_model/r, and a head width d_kv/r, since T5's heads are d_kv wide whatever d
+        is (H·d_kv need not equal d); the head count is kept."""
+        d, d_kv = self.config.d_model, self.config.d_kv
+        if d % r:
+            return f"d={d} is not divisible by r={r}"
+        if d_kv % r:
+            return f"the head width d_kv={d_kv} is not divisible by r={r}"
+        return None
+
     def make_side_block(self, cfg, index, decoder=False):
         blocks = self.decoder_blocks if decoder else self.blocks
         return build_block(type(blocks[0]), cfg, index, has_relative_attention_bias=(index == 0))

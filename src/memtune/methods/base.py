@@ -106,8 +106,10 @@ class MethodConfig:
         return families_with(cls.requires)
 
     def check_family(self, backbone: Backbone) -> None:
-        if not set(self.requires) <= backbone.capabilities:
-            raise ConfigError(f"method {self.name!r} does not support the {backbone.family} family; "
+        missing = [c for c in self.requires if c not in backbone.capabilities]
+        if missing:
+            why = "; ".join(backbone.why_lacking(c) for c in missing)
+            raise ConfigError(f"method {self.name!r} does not support the {backbone.family} family ({why}); "
                               f"supported families: {', '.join(self.supported_families())}")
 
 

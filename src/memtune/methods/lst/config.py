@@ -28,6 +28,8 @@ class LSTConfig(SideNetworkOptions, LSTFields, TrunkCacheOptions, MethodConfig):
 
     r                 reduction factor: side width d' = d/r, FFN width d_ff/r, per-head width d_kv/r,
                       head count unchanged (paper: 8 for T5/BART on GLUE, 4 for vision-language).
+                      Swin: d'_s = C_s/r per stage with each stage's heads, and a trainable side patch
+                      merging between stages (docs/methods/lst.md "Swin").
     gate_temperature  T_g in mu_i = sigmoid(alpha_i / T_g); alpha_i starts at 0, so mu_i = 0.5.
     keep_layers       backbone layers (0-indexed) that get a ladder and a side block; None keeps all.
                       The paper's T5-base run keeps 1,2,3,5,6,7,9,10,11. For T5 the same set is used
@@ -54,7 +56,8 @@ class LSTConfig(SideNetworkOptions, LSTFields, TrunkCacheOptions, MethodConfig):
                       probability dropout is 0), "eager" (as the paper measured: softmax output, dropout
                       mask and dropped map are stored, and since H is kept they do not shrink with r) or
                       "auto" (default: sdpa where the family's side block has it, i.e. bert, vit, llama;
-                      eager for T5 and MPNet, whose attention classes have no fused path).
+                      eager for T5 and MPNet, whose attention classes have no fused path, and for Swin,
+                      whose trainable position bias enters the kernel as a mask).
     attention_dropout dropout on the side attention probabilities. None (default): 0 when the side
                       attention is fused (a dropout > 0 makes PyTorch fall back to the map-storing math
                       kernel), `dropout` when eager (as the paper).
@@ -69,7 +72,7 @@ class LSTConfig(SideNetworkOptions, LSTFields, TrunkCacheOptions, MethodConfig):
                       paper. False runs it in eval mode: deterministic, which cache_trunk needs when the
                       backbone has dropout.
     cache_*           the trunk cache (methods/common/trunk_cache.py): backbone taps computed once per
-                      training example and replayed in later epochs (bert, vit, llama).
+                      training example and replayed in later epochs (bert, vit, llama; not Swin).
     """
 
     name = "lst"

@@ -16,6 +16,11 @@ Forms (docs/methods/lst.md §3, §4):
   up-projected side decoder states go through the tied LM head, LMHead(o·d^-1/2) (`lm_logits`); `generate`
   decodes greedily or with beam search, with KV caches for the backbone decoder and the side decoder.
 
+- swin (hierarchical: stages of width C_s; docs/methods/lst.md "Swin"): a staged side network. Side blocks of
+  stage s are d'_s wide, ladder i reads block i's in-stage output (before the stage transition: C_s → d'_s),
+  and a trainable side patch merging follows the last side position of each stage (kept or not); W_up maps the
+  last stage's d' to C_last and the features are the backbone's mean over all tokens.
+
 - LST-VL (backbones with "visual_side_tokens", `backbones/image_text.py`; docs/methods/vl.md §2): the backbone sees the
   text only; the side encoder reads s = W0·drop([e ; e_v]) over T+V positions, e_v = the trainable visual
   embedding of the frozen visual tokens (visual.py), with ladders zero at the visual positions; the T5 side
@@ -56,6 +61,19 @@ def side_stacks(backbone) -> dict[str, bool]:
     return {"decoder" if "decoder" in backbone.capabilities else "encoder": False}
 
 
+def in_stage_outputs(backbone, h, ctx, keep) -> list[torch.Tensor]:
+    """A staged backbone's blocks 0..max(K) from its embedding output h: [output of block i before the stage
+    transition that may follow it, B×T_s×C_s, for i in K]. The caller disables autograd."""
+    want, outs = set(keep), []
+    for i in range(max(keep) + 1):
+        h = backbone.run_block_in_stage(i, h, ctx)
+        if i in want:
+            outs.append(h)
+        if i < max(keep):
+            h = backbone.stage_transition(i, h, ctx)
+    return outs
+
+
 class LSTModel(MemtuneModel):
     visual_path = True           # LST-VL: visual tokens enter the side encoder only (mode A)
     def __init__(self, backbone, config, num_labels=None):
@@ -65,14 +83,15 @@ class LSTModel(MemtuneModel):
         self.stacks = nn.ModuleDict()
         self.side_configs: dict = {}
         self.mirrors_decoder = side_stacks(backbone)             # side stack name → mirrors the decoder stack
+        self.staged = "stages" in backbone.capabilities          # per-stage side widths and side transitions
         depth = min(len(self._backbone_blocks(name)) for name in self.mirrors_decoder)
         keep = config.kept(depth)                                # T5: the same K in both stacks
         with torch.device(ref.device):
             for name in self.mirrors_decoder:
                 self._add_stack(name, keep)
             self.rotary = backbone.make_side_rotary(self.side_configs[self._output_name])
-            d_side = next(iter(self.stacks.values())).ladders["embed"].out_features
-            self.up = small_normal_(nn.Linear(d_side, backbone.hidden_size))     # W_up: d' → d
+            d_side = self.output_stack.out_width
+            self.up = small_normal_(nn.Linear(d_side, backbone.hidden_size))     # W_up: d' → d (staged: last stage's)
             # LST-VL (docs/methods/vl.md §2): visual tokens join the side encoder only, after its text positions.
             self.visual = (self._visual_embedding(backbone, d_side) if "visual_side_tokens" in backbone.capabilities
                            else None)
@@ -101,6 +120,9 @@ class LSTModel(MemtuneModel):
         if config.cache_trunk:
             check(not backbone.is_encoder_decoder,
                   f"lst.cache_trunk is supported for single-stack backbones, not {backbone.family}")
+            check("stages" not in backbone.capabilities,
+                  f"lst.cache_trunk is not supported on {backbone.family}: its taps change width and token count "
+                  f"from stage to stage, and the trunk cache stores one width; leave cache_trunk off")
             check_trunk_deterministic("lst", [backbone], config.trunk_dropout)
 
     @property
@@ -121,20 +143,32 @@ class LSTModel(MemtuneModel):
         bb = self.backbone
         return bb.decoder_blocks if self.mirrors_decoder[name] else bb.blocks
 
+    def _side_config(self, name, keep):
+        """The side config of stack `name` whose blocks mirror backbone layers `keep` (None: all)."""
+        bb, mc = self.backbone, self.method_config
+        attention, dropout = self.side_attention, mc.side_dropout(bb)
+        return bb.side_config(bb.stack_config(self.mirrors_decoder[name]), mc.r, keep=keep, dropout=dropout,
+                              attention=attention, attention_dropout=mc.side_attention_dropout(attention, dropout),
+                              heads=mc.side_heads)
+
     def _add_stack(self, name, keep):
         bb, mc = self.backbone, self.method_config
         decoder = self.mirrors_decoder[name]
-        attention, dropout = self.side_attention, mc.side_dropout(bb)
-        cfg = bb.side_config(bb.stack_config(decoder), mc.r, keep=keep, dropout=dropout, attention=attention,
-                             attention_dropout=mc.side_attention_dropout(attention, dropout),
-                             heads=mc.side_heads)
+        dropout = mc.side_dropout(bb)
+        cfg = self._side_config(name, keep)
         self.side_configs[name] = cfg
         side_blocks = [bb.make_side_block(cfg, j, decoder) for j in range(len(keep))]
         norm = bb.side_norm(cfg.hidden_size, cfg)
-        for m in [*side_blocks, norm]:
+        d, d_side, widths, transitions = bb.hidden_size, cfg.hidden_size, None, {}
+        if self.staged:
+            # Ladder i: C_s → d'_s of block i's stage; W0: the embedding output (C_0) → d'_0.
+            widths = tuple(zip(bb.block_widths, bb.side_block_widths(cfg)))
+            d, d_side = widths[0]
+            transitions = bb.make_side_transitions(cfg)
+        for m in [*side_blocks, norm, *transitions.values()]:
             bb.init_side_weights(m, cfg)
-        self.stacks[name] = SideStack(bb.hidden_size, cfg.hidden_size, len(self._backbone_blocks(name)), keep,
-                                      side_blocks, norm, dropout, mc.gate_temperature, mc.tap_storage)
+        self.stacks[name] = SideStack(d, d_side, len(self._backbone_blocks(name)), keep, side_blocks, norm, dropout,
+                                      mc.gate_temperature, mc.tap_storage, widths, transitions)
 
     # -- pruned-weight initialisation (docs/methods/lst.md §8) ------------------------------------------------
     def init_from_importance(self, importance) -> dict:
@@ -150,13 +184,29 @@ class LSTModel(MemtuneModel):
             blocks = self._backbone_blocks(name)
             final = bb.decoder_norm if self.mirrors_decoder[name] else bb.final_norm
             P = embedding_dims(pr.imp(bb.pruning_embedding), stack.ladders["embed"].out_features)
-            P = pr.stack(bb, blocks, {i: stack.block(i) for i in stack.keep}, P)
+            templates, transitions = {}, {}
+            if self.staged:                     # side widths change per stage; the chain crosses the merges
+                templates = self._pruning_templates(name, stack)
+                transitions = {i: (merge, stack.transition(i), bb.merge_pruning)
+                               for i, merge in bb.stage_merges().items()}
+            P = pr.stack(bb, blocks, {i: stack.block(i) for i in stack.keep}, P, templates, transitions)
             if final is not None:
                 pr.vector(stack.norm, final, P)
             for table in bb.side_shared_tables:
                 pr.copy(stack.block(stack.keep[0]).get_parameter(table), blocks[0].get_parameter(table))
+            for table in bb.side_block_tables:                     # per-block tables, copied whole
+                for i in stack.keep:
+                    pr.copy(stack.block(i).get_parameter(table), blocks[i].get_parameter(table))
         self.pruning_records = pr.records
         return pr.records
+
+    def _pruning_templates(self, name, stack) -> dict[int, nn.Module]:
+        """Meta-device side blocks with the shapes of the side blocks that dropped layers would have (the chain
+        runs through them at their stage's side width)."""
+        cfg = self._side_config(name, None)
+        with torch.device("meta"):
+            return {i: self.backbone.make_side_block(cfg, i) for i in range(len(self._backbone_blocks(name)))
+                    if i not in stack.keep}
 
     def initialize_from_fisher(self, batches, samples: int | None = None) -> int:
         """Fisher pruning init (docs/methods/lst.md §8, the paper scripts' default).
@@ -220,6 +270,8 @@ class LSTModel(MemtuneModel):
                     else mask.to(h.dtype).unsqueeze(-1))     # B×T×1
 
             def compute():                                   # [h_i for i in K], each B×T×d
+                if self.staged:
+                    return in_stage_outputs(bb, h, ctx, keep)
                 return bb.forward_intermediates(h, ctx, keep, row_mask=real)[1]
 
             outs = cached_trunk(cache, batch, mask, bb.input_keys, compute, h)
@@ -271,9 +323,12 @@ class LSTModel(MemtuneModel):
         else:
             s = stack.start(take("embed"), drop=not embed_dropped)           # B×T×d'
         sctx = make_context(s)
-        for i in stack.keep:
-            # LST-VL: the ladder (B×T×d') is zero at the visual positions (SideStack.fuse pads it).
-            s = bb.run_side_block(stack.block(i), stack.fuse(i, s, take(i)), sctx)
+        for i in stack.steps:                      # the kept layers (and, staged, the ends of stages) in order
+            if stack.has_block(i):
+                # LST-VL: the ladder (B×T×d') is zero at the visual positions (SideStack.fuse pads it).
+                s = bb.run_side_block(stack.block(i), stack.fuse(i, s, take(i)), sctx)
+            if stack.transition(i) is not None:    # staged: to the next stage's grid and side width
+                s = bb.run_side_transition(stack.transition(i), s, sctx)
         return stack.finish(s)
 
     def _side_input_with_visual(self, stack, e, v) -> torch.Tensor:

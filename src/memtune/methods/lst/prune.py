@@ -13,7 +13,11 @@ Side block i starts from backbone block i, structurally pruned in one shot:
      [head, (q, k, v), d_kv]) counts as one input per part; the side copy keeps the same layout, part p's
      rows filled from the backbone part's kept rows.
 3. The final norm takes P; the backbone's `side_shared_tables` (T5's 32×H relative-position table) are
-   copied unpruned from backbone block 0 into the first kept side block (H is kept).
+   copied unpruned from backbone block 0 into the first kept side block (H is kept), and its
+   `side_block_tables` (Swin's (2W−1)²×H table of every block) from each block into its own side block.
+4. Staged backbones (Swin): after the last block of a stage, the patch merging joins 4 neighbour copies of the
+   residual stream, so P is tiled over the 4 parts for its norm and its linear's columns; the linear keeps its
+   own top rows, which are the next stage's P (`Pruner.merge`).
 
 Choices (documented where the paper is silent; docs/methods/lst.md §8):
 - Rows are ranked globally over H·d_kv ("per dimension"); kept rows stay in their original order and
@@ -187,12 +191,19 @@ class Pruner:
                 p += 1
             self.linear(dst, src, rows, P)
 
-    def stack(self, backbone, blocks, side_blocks: dict[int, nn.Module], P: torch.Tensor) -> torch.Tensor:
+    def stack(self, backbone, blocks, side_blocks: dict[int, nn.Module], P: torch.Tensor,
+              templates: dict[int, nn.Module] | None = None, transitions: dict | None = None) -> torch.Tensor:
         """Run the chain through every block of a backbone stack; copy into the side blocks that exist.
-        Returns P."""
-        template = next(iter(side_blocks.values()))     # all side blocks share one shape
+        Returns P.
+
+        templates[i]: a module with the shapes side block i would have, for dropped blocks (default: the first
+        side block; one-width stacks' side blocks share one shape). transitions[i] = (backbone transition,
+        side transition, PruneMerge): the stage transition after block i, pruned in the chain (Swin)."""
+        first = next(iter(side_blocks.values()))
+        templates, transitions = templates or {}, transitions or {}
         for i, bb in enumerate(blocks):
             side = side_blocks.get(i)
+            template = side if side is not None else templates.get(i, first)
             for step in plan(backbone, bb):
                 if isinstance(step, PruneVector):
                     for n in step.params:
@@ -220,7 +231,22 @@ class Pruner:
                 P_new = top(out_major(out, self.imp(out.weight))[:, mid].double().sum(1), out_size(side_out))
                 self.linear(side.get_submodule(step.output) if side is not None else None, out, P_new, mid)
                 P = P_new
+            if i in transitions:
+                P = self.merge(*transitions[i], P)
         return P
+
+    def merge(self, src: nn.Module, dst: nn.Module, step, P: torch.Tensor) -> torch.Tensor:
+        """A patch merging (`PruneMerge` step): its norm takes P tiled over the concatenated parts, its linear
+        those dims as columns and its own top rows (by ‖I[j, cols]‖₁), which are returned as the next P."""
+        norm, linear = src.get_submodule(step.norm), src.get_submodule(step.linear)
+        width = in_size(linear) // step.parts                          # C: one part's width
+        cols = torch.cat([k * width + P for k in range(step.parts)])   # 4·|P|, in the side's part order
+        for n, p in norm.named_parameters(recurse=False):
+            self.copy(dst.get_submodule(step.norm).get_parameter(n), p, cols)
+        side_linear = dst.get_submodule(step.linear)
+        rows = top(out_major(linear, self.imp(linear.weight))[:, cols].double().sum(1), out_size(side_linear))
+        self.linear(side_linear, linear, rows, cols)
+        return rows
 
     def vector(self, dst_module: nn.Module, src_module: nn.Module, P: torch.Tensor) -> None:
         """Final norm ← P (weight and bias where present)."""

@@ -35,9 +35,10 @@ class QSTConfig(SideNetworkOptions, QSTFields, TrunkCacheOptions, MethodConfig):
 
     r            reduction factor: side width d' = d/r, FFN width ⌊d_ff/r⌋, heads (and KV heads) kept, so
                  d/r must be a whole number divisible by the head count (Llama-like: with an even head
-                 width, for rotary positions). None (default) means the paper's 16 where it fits; a
-                 backbone too narrow for 16 gets the largest r below 16 that fits, with a warning. An
-                 explicit r that does not fit is refused with the values that do.
+                 width, for rotary positions; Swin: every stage's C_s/r, divisible by that stage's heads).
+                 None (default) means the paper's 16 where it fits; a backbone too narrow for 16 gets the
+                 largest r below 16 that fits, with a warning. An explicit r that does not fit is refused
+                 with the values that do.
     k            rank of the adapter/LoRA downsample (paper and code: 16).
     downsample   how each backbone layer's output (B×T×d) is read into the side width (B×T×d'):
                    "adapter"  LN(W_B·swish(W_A·x)), W_A: k×d, W_B: d'×k, no biases (the paper's best, default)
@@ -77,11 +78,16 @@ class QSTConfig(SideNetworkOptions, QSTFields, TrunkCacheOptions, MethodConfig):
                  code under the HF Trainer). False runs it in eval mode: deterministic, which cache_trunk
                  needs on a backbone with dropout (BERT-like: 0.1; Llama and ViT have none).
     cache_*      the trunk cache (methods/common/trunk_cache.py): the N backbone block outputs computed
-                 once per training example and replayed in later epochs (bert, vit, llama).
+                 once per training example and replayed in later epochs (single-stack backbones: bert,
+                 vit, llama, ...; refused on encoder-decoders and on Swin, whose stages change width).
     side_checkpointing
                  recompute each side step (gate fusion, downsample, side block) in backward instead of
                  keeping its activations. This is not the `gc` technique: the backbone is never on the
                  backprop path, so only the side network has activations to recompute.
+
+    Encoder-decoders (t5, bart, mbart; qst/encoder_decoder.py): a side encoder over the encoder blocks and a
+    side decoder over the decoder blocks, each with its own downsamples and gates; the side decoder
+    cross-attends to the side encoder's output, and the mix (and Up) sits on the decoder output.
 
     Learning rate: `default_lr` = 2e-4 is the paper's value for decoders (Table 9: LLaMA-2-7B/13B and
     OPT up to 6.7B; Table 8: GLUE on OPT). Small encoders (BERT/ViT families, d of a few hundred) train a
@@ -94,7 +100,7 @@ class QSTConfig(SideNetworkOptions, QSTFields, TrunkCacheOptions, MethodConfig):
     """
 
     name = "qst"
-    requires = ("side_network", "single_stack")
+    requires = ("side_network",)          # hierarchical (Swin) backbones get a staged side network (model.py)
     default_lr = 2e-4
     encoder_lr = 1e-3
     side_checkpointing: bool = False

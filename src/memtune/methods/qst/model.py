@@ -14,6 +14,14 @@ Heads (docs/methods/qst.md §3):
   map without bias (the AutoModelForSequenceClassification head).
 - bert, vit: the backbone's own pooling of o (BERT: mean over real tokens; ViT/DINOv2: [CLS ‖ mean of
   patches]) → memtune's linear head.
+- swin (hierarchical stages of width C_s): a staged side network, as LST's (docs/methods/qst.md "Swin"). D_0
+  reads the embedding output (C_0 → d'_0), D_i block i's in-stage output (before the frozen patch merging,
+  C_s → d'_s); after the side block that ends a stage a trainable side patch merging takes s to the next
+  stage's grid and width; Up: d'_last → C_last; features = the backbone's mean over all tokens of o.
+- t5, bart, mbart (encoder-decoders): a side encoder and a side decoder (`encoder_decoder.py`); o is the mixed
+  decoder output, pooled the backbone's way for classification, or sent through the tied LM head (seq2seq).
+  Text-to-text decoding goes through the forward (memtune.seq2seq.greedy_generate); the trunk cache and the
+  cached `generate` are single-stack only.
 
 Interleaving keeps at most one backbone hidden state alive besides those the downsamples keep for
 backward: with a pooling downsample each h_i is freed once block i+1 has run.
@@ -41,8 +49,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..base import MemtuneModel
+from ..base import ConfigError, MemtuneModel, check
 from ..common.trunk_cache import cached_trunk, check_trunk_deterministic, trunk_eval_mode
+from .encoder_decoder import EncoderDecoderSide
 from .generate import greedy_generate
 from .side import OutputMix, SideNetwork, resolve_r
 
@@ -65,7 +74,15 @@ class QSTModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
         config.check_side_heads(backbone)
+        self.staged = "stages" in backbone.capabilities              # per-stage side widths and side transitions
         if config.cache_trunk:
+            check(not self.staged,
+                  f"qst.cache_trunk is not supported on {backbone.family}: its block outputs change width and token "
+                  f"count from stage to stage, and the trunk cache stores one width; leave cache_trunk off")
+            check(not backbone.is_encoder_decoder,
+                  f"qst.cache_trunk is supported for single-stack backbones (encoders and decoders), not the "
+                  f"{backbone.family} encoder-decoder, whose decoder blocks read the encoder output of each step; "
+                  f"leave cache_trunk=false")
             check_trunk_deterministic("qst", [backbone], config.trunk_dropout)
         self.r, note = resolve_r(backbone, config.r, config.side_heads)
         if note:
@@ -74,23 +91,43 @@ class QSTModel(MemtuneModel):
         ref = next(backbone.parameters())
         dtype = float_dtype(backbone)
         attention = self.side_attention
-        self.side_config = backbone.side_config(backbone.config, self.r, attention=attention,
-                                                attention_dropout=config.side_attention_dropout(attention, None),
-                                                heads=config.side_heads, exact=True)
-        d_side = self.side_config.hidden_size
-        with torch.device(ref.device):
-            blocks = [backbone.make_side_block(self.side_config, j) for j in range(backbone.num_layers)]
-            self.side = SideNetwork(d, d_side, self.r, blocks, backbone.side_norm(d_side, self.side_config),
-                                    config.downsample, config.k, config.gate, config.tap_storage)
-            self.mix = OutputMix(d, config.mix, config.lambda_init)
-            self.rotary = backbone.make_side_rotary(self.side_config)
-            if num_labels and "decoder" in backbone.capabilities:
-                self.head = nn.Linear(d, num_labels, bias=False)       # Score: d×C, no bias
+        if backbone.is_encoder_decoder:           # two side stacks (encoder_decoder.py); the base linear head
+            with torch.device(ref.device):
+                self.side = EncoderDecoderSide(backbone, config, self.r, attention)
+                self.mix = OutputMix(d, config.mix, config.lambda_init)
+            self.side_config, self.rotary = None, None
+        else:
+            self.side_config = backbone.side_config(backbone.config, self.r, attention=attention,
+                                                    attention_dropout=config.side_attention_dropout(attention, None),
+                                                    heads=config.side_heads, exact=True)
+            d_side = self.side_config.hidden_size                   # staged: the last stage's d'
+            d_in, d_start, widths = d, d_side, None
+            with torch.device(ref.device):
+                transitions = {}
+                if self.staged:
+                    # D_i: C_s → d'_s of block i's stage; D_0 also reads the embedding output (C_0 → d'_0).
+                    widths = tuple(zip(backbone.block_widths, backbone.side_block_widths(self.side_config)))
+                    d_in, d_start = widths[0]
+                    transitions = backbone.make_side_transitions(self.side_config)
+                blocks = [backbone.make_side_block(self.side_config, j) for j in range(backbone.num_layers)]
+                self.side = SideNetwork(d_in, d_start, self.r, blocks, backbone.side_norm(d_side, self.side_config),
+                                        config.downsample, config.k, config.gate, config.tap_storage,
+                                        layer_widths=widths, transitions=transitions)
+                self.mix = OutputMix(d, config.mix, config.lambda_init)
+                self.rotary = backbone.make_side_rotary(self.side_config)
+                if num_labels and "decoder" in backbone.capabilities:
+                    self.head = nn.Linear(d, num_labels, bias=False)       # Score: d×C, no bias
         self.side.to(dtype)
         self.mix.to(dtype)
         if self.head is not None:
             self.head.to(dtype)
         self.trunk_cache = config.make_trunk_cache()
+
+    def graph_free_blocks(self) -> list[nn.Module]:
+        """Every backbone block runs without an autograd graph: the stack's, and an encoder-decoder's decoder's."""
+        bb = self.backbone
+        merges = list(bb.stage_merges().values()) if self.staged else []       # Swin's frozen patch mergings
+        return list(bb.blocks) + (list(bb.decoder_blocks) if bb.is_encoder_decoder else []) + merges
 
     @property
     def side_attention(self) -> str:
@@ -98,14 +135,25 @@ class QSTModel(MemtuneModel):
         return self.method_config.side_kernel(self.backbone)
 
     # -- the side network ------------------------------------------------------------------------------------
-    def side_step(self, i: int, s: torch.Tensor, h: torch.Tensor, sctx) -> torch.Tensor:
-        """Gate fusion, downsample and side block i: s (B×T×d'), h (B×T×d, frozen) → B×T×d'."""
-        def step(s_in, h_in):
-            return self.backbone.run_side_block(self.side.blocks[i], self.side.fuse(i, s_in, h_in), sctx)
+    def side_step(self, side: SideNetwork, i: int, s: torch.Tensor, h: torch.Tensor, sctx) -> torch.Tensor:
+        """Gate fusion, downsample and side block i of `side` (the side network, or one side stack of an
+        encoder-decoder): s (B×T×d'), h (B×T×d, frozen) → B×T×d'."""
+        def step(s_in, h_in, context=sctx):
+            return self.backbone.run_side_block(side.blocks[i], side.fuse(i, s_in, h_in), context)
 
-        if self.method_config.side_checkpointing and torch.is_grad_enabled():
-            return checkpoint(step, s, h, use_reentrant=False)
-        return step(s, h)
+        if not (self.method_config.side_checkpointing and torch.is_grad_enabled()):
+            return step(s, h)
+        # Some side blocks write into their context (T5: block 0 adds the relative position bias that the later
+        # blocks read), so the recompute in backward must start from the context as this step first saw it.
+        before, runs = dict(sctx), []
+
+        def checkpointed(s_in, h_in):
+            runs.append(dict(before))
+            return step(s_in, h_in, runs[-1])
+
+        out = checkpoint(checkpointed, s, h, use_reentrant=False)
+        sctx.update(runs[0])                                          # what the forward run wrote
+        return out
 
     # -- the forward pass ------------------------------------------------------------------------------------
     def block_outputs(self, batch, e: torch.Tensor, ctx):
@@ -128,16 +176,39 @@ class QSTModel(MemtuneModel):
             outs = cached_trunk(cache, batch, mask, bb.input_keys, compute, e)
         return drain(outs)
 
+    def staged_loop(self, h: torch.Tensor, ctx, s: torch.Tensor, sctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """A staged backbone's blocks interleaved with the side steps, from the embedding output h (B×T_0×C_0)
+        and s = D_0(h) (B×T_0×d'_0). D_i reads block i's in-stage output (B×T_s×C_s), before the frozen stage
+        transition that may follow it; at the end of a stage the side transition takes s to B×T_(s+1)×d'_(s+1).
+        Returns (h_N, B×T_last×C_last, and s_N, B×T_last×d'_last)."""
+        bb = self.backbone
+        for i in range(bb.num_layers):
+            with torch.no_grad():
+                h = bb.run_block_in_stage(i, h, ctx)                # B×T_s×C_s
+            s = self.side_step(self.side, i, s, h, sctx)             # B×T_s×d'_s
+            merge = self.side.transition(i)
+            if merge is not None:
+                s = bb.run_side_transition(merge, s, sctx)           # B×T_s×d'_s → B×T_(s+1)×d'_(s+1)
+            with torch.no_grad():
+                h = bb.stage_transition(i, h, ctx)                   # frozen patch merging (identity inside a stage)
+        return h, s
+
     def mixed_output(self, batch):
         """Returns (o, ctx, h_N): o the mixed B×T×d states, h_N the frozen backbone's finished states."""
         bb = self.backbone
+        if bb.is_encoder_decoder:                                    # o: the mixed decoder states B×Tt×d
+            with trunk_eval_mode(bb, not self.method_config.trunk_dropout):
+                return self.side(self, batch)
         with trunk_eval_mode(bb, not self.method_config.trunk_dropout):
             with torch.no_grad():
                 h, ctx = bb.embed(batch)                             # B×T×d
             s = self.side.start(h)                                   # B×T×d'
             sctx = bb.side_context(s, ctx, self.side_config, self.rotary)
-            for i, h in enumerate(self.block_outputs(batch, h, ctx)):
-                s = self.side_step(i, s, h, sctx)
+            if self.staged:
+                h, s = self.staged_loop(h, ctx, s, sctx)
+            else:
+                for i, h in enumerate(self.block_outputs(batch, h, ctx)):
+                    s = self.side_step(self.side, i, s, h, sctx)
             with torch.no_grad():
                 h_final = bb.finish(h, ctx)
         o = self.mix(h_final, self.side.finish(s))                   # B×T×d
@@ -145,12 +216,16 @@ class QSTModel(MemtuneModel):
 
     def features(self, batch):
         o, ctx, _ = self.mixed_output(batch)
-        if self.objective == "causal-lm":
-            return o                                                  # the frozen LM head follows
+        if self.per_token:
+            return o                                                  # the frozen (tied) LM head follows
         return self.backbone.pool(o, ctx)
 
     # -- decoding ---------------------------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, stop_at_eos: bool = True):
         """Greedy decoding (Llama-like causal LM) with KV caches for the backbone and the side blocks.
         Returns B×(T + n) ids: the (left-padded) prompts and the new tokens; see `generate.py`."""
+        if self.backbone.is_encoder_decoder:
+            raise ConfigError(f"qst.generate (cached decoding) is for Llama-like causal LMs; on the "
+                              f"{self.backbone.family} encoder-decoder decode through the forward with "
+                              f"memtune.seq2seq.greedy_generate (what memtune eval does)")
         return greedy_generate(self, input_ids, attention_mask, max_new_tokens, stop_at_eos)

@@ -5,6 +5,11 @@ nearest-width rounding, QST needs d' exactly d/r (the pooling downsample maps r 
 r must divide d and d/r must be divisible by H (and whatever else the backbone's `side_width_problem` asks,
 e.g. an even head width for rotary positions); the config is `Backbone.side_config(..., exact=True)`. With
 `side_heads` H' the side blocks have H' heads of width d/(rH') instead.
+
+Hierarchical backbones (Swin: stages of width C_s) give a staged side network: side blocks of stage s are
+d'_s = C_s/r wide (heads H_s kept), downsample i maps C_s → d'_s of block i's stage, the vector gates are
+d'_s wide, and a trainable side transition (Swin's side patch merging) after the last side block of a stage
+takes the side state to the next stage's grid and width; Up maps the last stage's d' to C_last.
 """
 from __future__ import annotations
 
@@ -45,38 +50,64 @@ class SideNetwork(nn.Module):
 
         s = D_0(e)
         for i in 0..N-1:  β = σ(z_i);  s = G_i((1−β)⊙D_i(h_i) + β⊙s)      (D_0 is used twice)
-        u = Up(Norm_side(s_N))                                           Up: Linear(d' → d, bias)
+                          staged, i ends a stage:  s = T_i(s)             (side transition, next stage)
+        u = Up(Norm_side(s_N))                                           Up: Linear(d'_last → d_last, bias)
+
+    One-width backbones: every D_i is d → d' and the gates are one (N, d') tensor (or (N, 1) for scalar gates).
+    Staged (`layer_widths[i]` = (d_i, d'_i), the widths of block i's stage; D_0 reads the embedding output,
+    which has stage 0's width): D_i is d_i → d'_i, vector gates are a ParameterList of N d'_i-vectors (their
+    widths differ), and `transitions[i]` runs after side block i.
+
+    One instance per backbone stack: an encoder–decoder has a side encoder, whose output stays at width d'
+    (up=False: no Up, `finish` is the side norm alone; the side decoder cross-attends to it), and a side
+    decoder with the Up that feeds the output mix (encoder_decoder.py).
     """
 
     def __init__(self, d: int, d_side: int, r: int, blocks: list[nn.Module], norm: nn.Module,
-                 downsample: str, rank: int, gate: str, tap_storage: str = "full"):
+                 downsample: str, rank: int, gate: str, tap_storage: str = "full", up: bool = True,
+                 layer_widths: tuple[tuple[int, int], ...] | None = None,
+                 transitions: dict[int, nn.Module] | None = None):
         super().__init__()
         n = len(blocks)
-        self.downsamples = nn.ModuleList(make_downsample(downsample, d, d_side, rank, r, tap_storage)
-                                         for _ in range(n))
-        # vector: z_i ∈ ℝ^{d'} at 0.5 (code); scalar: γ_i at 0 (paper). Shape (N, d') or (N, 1).
-        width, start = (d_side, 0.5) if gate == "vector" else (1, 0.0)
-        self.gates = nn.Parameter(torch.full((n, width), start))
+        widths = tuple(layer_widths or ((d, d_side),) * n)
+        if widths[0] != (d, d_side):
+            raise ValueError(f"D_0 reads the embedding ({d} → {d_side}) and block 0's output {widths[0]}: "
+                             f"the two must have the same widths")
+        self.downsamples = nn.ModuleList(make_downsample(downsample, d_i, ds_i, rank, r, tap_storage)
+                                         for d_i, ds_i in widths)
+        # vector: z_i ∈ ℝ^{d'_i} at 0.5 (code); scalar: γ_i at 0 (paper). One width: shape (N, d') or (N, 1).
+        gate_widths, start = ([ds_i for _, ds_i in widths], 0.5) if gate == "vector" else ([1] * n, 0.0)
+        if len(set(gate_widths)) == 1:
+            self.gates = nn.Parameter(torch.full((n, gate_widths[0]), start))
+        else:                                                        # staged vector gates: N vectors of d'_i
+            self.gates = nn.ParameterList(nn.Parameter(torch.full((w,), start)) for w in gate_widths)
         self.blocks = nn.ModuleList(blocks)
+        self.transitions = nn.ModuleDict({str(i): m for i, m in (transitions or {}).items()})
         self.norm = norm
-        self.up = nn.Linear(d_side, d)
+        d_last, ds_last = widths[-1]
+        self.up = nn.Linear(ds_last, d_last) if up else None
 
     def beta(self, i: int) -> torch.Tensor:
-        """β_i = σ(z_i): the weight of the carried side state (d' or 1 values)."""
+        """β_i = σ(z_i): the weight of the carried side state (d'_i or 1 values)."""
         return torch.sigmoid(self.gates[i])
+
+    def transition(self, i: int) -> nn.Module | None:
+        """The side transition after side block i (staged backbones, at the end of a stage), else None."""
+        return self.transitions[str(i)] if str(i) in self.transitions else None
 
     def start(self, e: torch.Tensor) -> torch.Tensor:
         """e: B×T×d frozen embedding output → s: B×T×d'."""
         return self.downsamples[0](e)
 
     def fuse(self, i: int, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """s (B×T×d') and backbone block i's output h (B×T×d) → the input of side block i (B×T×d')."""
+        """s (B×T×d'_i) and backbone block i's output h (B×T×d_i) → the input of side block i (B×T×d'_i)."""
         beta = self.beta(i)
         return (1 - beta) * self.downsamples[i](h) + beta * s
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:
-        """s_N (B×T×d') → u = Up(Norm_side(s_N)) (B×T×d)."""
-        return self.up(self.norm(s))
+        """s_N (B×T×d') → u = Up(Norm_side(s_N)) (B×T×d); without Up, Norm_side(s_N) (B×T×d')."""
+        s = self.norm(s)
+        return s if self.up is None else self.up(s)
 
 
 class OutputMix(nn.Module):

@@ -11,7 +11,8 @@ Workloads (causal LM, AdamW, one training step; planned at 2 and 4 blocks and ex
 - A 7B Llama (LLaMA-2-7B shape) at batch 4 × 2048 and a 70B one (Llama-3.1-70B shape) at batch 1 × 2048, bf16,
   SDPA, H100 profile: which rows fit in 12 / 24 / 80 GiB.
 Rows: LoRA and full fine-tuning with and without checkpointing, QLoRA (`lora+nf4`, with `+gc`), and the side
-methods on the same 4-bit base. Times are predicted (`memory.step_time`), not measured.
+methods on the same 4-bit base; on the bf16 workloads also QLoRA + checkpointing and QST with the chunked loss
+(`+chunked_ce`) in both rows. Times are predicted (`memory.step_time`), not measured.
 """
 from __future__ import annotations
 
@@ -29,16 +30,20 @@ HERE = Path(__file__).resolve().parent
 GIB = 2 ** 30
 BUDGETS_GIB = (12, 24, 80)
 SIDE = ["lst+nf4", "sherl+nf4", "qst+nf4", "qst:tap_storage=int8+nf4", "qst:downsample=avgpool+nf4"]
+# The same comparison with the chunked loss in both rows (no vocabulary-wide logits), and QST with checkpointed
+# side steps on parameter-free pooled taps: what stays is the d/r-wide side state and one block's recompute.
+CHUNKED = ["lora+nf4+gc+chunked_ce", "qst+nf4+chunked_ce",
+           "qst:side_checkpointing=true:downsample=avgpool+nf4+chunked_ce"]
 WORKLOADS = [
     ("smollm2-135m, 8 × 512, fp32, CPU", dict(model="smollm2-135m", batch_size=8, max_length=512, precision="fp32",
                                                 device="cpu", layers=2),
      ["full", "full+gc", "lora", "lora+gc", "lora+nf4", "lora+nf4+gc", "lst", "sherl", "meft1", "qst"] + SIDE),
     ("smollm2-135m, 8 × 1024, bf16, H100", dict(model="smollm2-135m", batch_size=8, max_length=1024, precision="bf16",
                                                   attn="sdpa", device_profile="h100", layers=2),
-     ["full", "lora+gc", "lora+nf4", "lora+nf4+gc", "meft1"] + SIDE),
+     ["full", "lora+gc", "lora+nf4", "lora+nf4+gc", "meft1"] + SIDE + CHUNKED),
     ("llama-7b, 4 × 2048, bf16, H100", dict(model="llama-7b", batch_size=4, max_length=2048, precision="bf16",
                                               attn="sdpa", device_profile="h100", layers=2),
-     ["full", "lora", "lora+gc", "lora+nf4", "lora+nf4+gc"] + SIDE),
+     ["full", "lora", "lora+gc", "lora+nf4", "lora+nf4+gc"] + SIDE + CHUNKED),
     ("llama-3.1-70b, 1 × 2048, bf16, H100", dict(model="llama-3.1-70b", batch_size=1, max_length=2048,
                                                    precision="bf16", attn="sdpa", device_profile="h100", layers=2),
      ["lora+gc", "lora+nf4+gc"] + SIDE),

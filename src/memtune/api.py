@@ -23,7 +23,8 @@ def wrap(model, config: MethodConfig | str, *, num_labels: int | None = None, na
     adapter; for seq2seq classification `label_words` (default: the names) is the text each class is
     generated as.
     `techniques` ("nf4+gc", ("gc",), a `memtune.techniques.MemoryTechniques`) applies memory techniques
-    orthogonal to the method after it is built: gc, nf4 / fp4 / int8 frozen base weights, offload.
+    orthogonal to the method after it is built: gc, nf4 / fp4 / int8 frozen base weights, offload, chunked_ce
+    (the LM loss a chunk of tokens at a time).
     """
     if isinstance(model, LoadedModel):
         name = name or model.name

@@ -41,6 +41,8 @@ def child_command(spec, out: Path, train_flags: list[str]) -> list[str]:
         cmd += ["--quantize", t.quantize]
     if t.offload_activations:
         cmd.append("--offload-activations")
+    if t.chunked_ce:
+        cmd.append("--chunked-ce")
     return cmd
 
 

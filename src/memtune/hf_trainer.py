@@ -23,6 +23,7 @@ Memory techniques: `MemtuneTrainer(model, args, techniques="nf4+gc")`, or a mode
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class MemtuneTrainer(Trainer):
                 for f in flags:                # transformers 5 names it activation_checkpointing
                     setattr(args, f, False)
                 if not have.gradient_checkpointing:
-                    t = MemoryTechniques(True, t.quantize, t.offload_activations)
+                    t = dataclasses.replace(t, gradient_checkpointing=True)
             if t:
                 if have:
                     raise ConfigError(f"the model already has memory techniques {'+'.join(have.names())}; "

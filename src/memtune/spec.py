@@ -4,8 +4,8 @@
 
     lora                      the method with its defaults
     lora:r=16:alpha=32        options after ':' (key=value; a value may hold ',' as in keep_layers=1,2,3)
-    lora+nf4+gc               memory techniques after '+' (gc, nf4, fp4, int8, offload; '+' never appears in
-                              an option value)
+    lora+nf4+gc               memory techniques after '+' (gc, nf4, fp4, int8, offload, chunked_ce; '+' never
+                              appears in an option value)
 
 A list of specs is comma-separated, and commas also separate the items of a tuple option, so a comma
 starts a new spec only where what follows is a registered method name followed by ':', '+', ',' or the

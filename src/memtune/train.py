@@ -98,13 +98,16 @@ class TrainArgs:
     memory_max_length: int | None = field(default=None, metadata={
         "help": "padded length of the memory run (default: --max-length)"})
     progress: bool = field(default=True, metadata={"help": "no progress bars (logs, CI)"})
-    # Memory techniques orthogonal to the method (`memtune.techniques`): gc, nf4 / fp4 / int8, offload.
+    # Memory techniques orthogonal to the method (`memtune.techniques`): gc, nf4 / fp4 / int8, offload, chunked_ce.
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the backbone blocks that the backward pass crosses (+gc)"})
     quantize: str | None = field(default=None, metadata={"choices": QUANTIZE_KINDS, "help": "frozen base weights in "
                                  "4 or 8 bits through bitsandbytes (+nf4, +fp4, +int8)"})
     offload_activations: bool = field(default=False, metadata={
         "help": "keep saved activations in pinned CPU memory during the step (CUDA only; +offload)"})
+    chunked_ce: bool = field(default=False, metadata={
+        "help": "causal-LM / seq2seq loss a chunk of tokens at a time, without the vocabulary-wide logits "
+                "(+chunked_ce)"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace the run already in --out (its checkpoints, adapter and metrics are removed)"})
     val_fraction: float = field(default=0.0, metadata={
@@ -113,7 +116,8 @@ class TrainArgs:
     def techniques(self):
         from .techniques import MemoryTechniques
 
-        return MemoryTechniques(self.gradient_checkpointing, self.quantize, self.offload_activations)
+        return MemoryTechniques(self.gradient_checkpointing, self.quantize, self.offload_activations,
+                                self.chunked_ce)
 
     def validate(self) -> None:
         def need(ok, msg):

@@ -55,6 +55,7 @@ COMBINATIONS = [
     ("tiny-llama", "lora+gc,full+gc,sherl+gc,ia3+gc"),
     ("tiny-llama", "lora+nf4,lora+nf4+gc,sherl+int8,sherl+nf4+gc"),
     ("tiny-llama", "lst+nf4"),
+    ("tiny-llama", "lora+nf4+gc+chunked_ce,qst:side_checkpointing=true:downsample=avgpool+nf4+chunked_ce"),
 ]
 
 

@@ -150,6 +150,10 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
     # The objective of a model whose objective does not follow from num_labels and the backbone (`objective_for`):
     # SHERL's retrieval towers ("retrieval": no head, a loss over image-caption similarities). None elsewhere.
     fixed_objective: ClassVar[str | None] = None
+    # The `chunked_ce` technique (techniques/chunked_loss.py): the LM loss of a step with autograd on takes its
+    # logits `lm_loss_chunk_rows` rows at a time (None: 2^24 / V) and the output carries no logits.
+    chunked_ce: bool = False
+    lm_loss_chunk_rows: int | None = None
 
     def __init__(self, backbone: Backbone, config: MethodConfig, num_labels: int | None = None):
         super().__init__()
@@ -246,6 +250,9 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
             return self._seq2seq_forward(batch)
         feats = self.features(batch)
         if self.objective == "causal-lm":
+            if labels is not None and self._chunks_lm_loss():
+                # Next-token prediction on B×(T-1) states: the chunked loss holds no B×T×V logits.
+                return CausalLMOutput(loss=self.chunked_lm_loss(feats[:, :-1], labels[:, 1:]), logits=None)
             logits = self.lm_logits(feats)                                # B×T×V
             loss = None
             if labels is not None:
@@ -263,9 +270,26 @@ class MemtuneModel(nn.Module, metaclass=_AppliesTrainable):
         labels = batch.get("labels")
         if "decoder_input_ids" not in batch and labels is not None:
             batch["decoder_input_ids"] = self.backbone.shift_right(labels)
-        logits = self.lm_logits(self.features(batch))                     # B×Tt×V
+        feats = self.features(batch)                                       # B×Tt×d
+        if labels is not None and self._chunks_lm_loss():
+            return Seq2SeqLMOutput(loss=self.chunked_lm_loss(feats, labels), logits=None)
+        logits = self.lm_logits(feats)                                     # B×Tt×V
         loss = None if labels is None else self.lm_loss(logits, labels)
         return Seq2SeqLMOutput(loss=loss, logits=logits)
+
+    def _chunks_lm_loss(self) -> bool:
+        """The chunked loss runs where a backward will follow: with `chunked_ce` and autograd recording. Under
+        no_grad (evaluation, scoring, generation) the logits are computed and returned as usual."""
+        return self.chunked_ce and torch.is_grad_enabled()
+
+    def chunked_lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The token cross-entropy of lm_logits(h) against targets (-100 skipped), chunk by chunk: equal to
+        the plain loss, with the LM head's logits never whole (techniques/chunked_loss.py)."""
+        from ..techniques.chunked_loss import chunked_lm_loss
+
+        params = [p for p in self.parameters() if p.requires_grad]     # the head uses few or none of them
+        return chunked_lm_loss(h, targets, self.lm_logits, params, self.lm_loss_chunk_rows,
+                               self.backbone.config.vocab_size)
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Token states …×d → …×V through the frozen LM head: the decoder's own (causal LM) or the tied input

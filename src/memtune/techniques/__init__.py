@@ -1,4 +1,5 @@
-"""Memory techniques that combine with any method: gradient checkpointing, quantized base weights, offloading.
+"""Memory techniques that combine with any method: gradient checkpointing, quantized base weights, offloading,
+the chunked LM loss.
 
     model = memtune.wrap(base, "lora", num_labels=2, techniques="nf4+gc")       # QLoRA with checkpointing
     MemoryTechniques(gradient_checkpointing=True, quantize="nf4").names()        # ('nf4', 'gc')
@@ -7,6 +8,8 @@
     nf4 fp4   4-bit frozen base weights (NF4 with double quantization, FP4), bitsandbytes (`quantize`)
     int8      LLM.int8 frozen base weights, bitsandbytes
     offload   saved activations wait in pinned CPU memory during the step (CUDA only, `offload`)
+    chunked_ce  the causal-LM / seq2seq loss over the vocabulary taken a chunk of tokens at a time, its
+              gradient computed in the forward: no N×V logits are kept (`chunked_loss`)
 
 Each applies to a wrapped model after the method built it (`apply_techniques`), so no method changes.
 Where a technique makes no sense it is refused with one line saying why (`ConfigError`):
@@ -15,6 +18,7 @@ Where a technique makes no sense it is refused with one line saying why (`Config
               and meft (its reversible layers already recompute activations)
     nf4 ...   with full and bitfit (they train the base weights, which quantization freezes)
     offload   on a machine without CUDA (the activations are in host memory already)
+    chunked_ce  for classification, regression and retrieval heads (no vocabulary-wide loss to chunk)
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from .quantize import QUANTIZE_KINDS, quantize_backbone, quiet_bnb_import_warnin
 
 quiet_bnb_import_warning()
 
-TECHNIQUES = ("gc", *QUANTIZE_KINDS, "offload")
+TECHNIQUES = ("gc", *QUANTIZE_KINDS, "offload", "chunked_ce")
 
 # Refusals that depend on the method alone: technique → {method name: reason}.
 _NO_GRAPH = "its backbone runs without an autograd graph, so there are no block activations to recompute"
@@ -49,6 +53,7 @@ class MemoryTechniques:
     gradient_checkpointing: bool = False
     quantize: str | None = None                 # "nf4" | "fp4" | "int8" | None
     offload_activations: bool = False
+    chunked_ce: bool = False
 
     def __post_init__(self):
         if self.quantize is not None and self.quantize not in QUANTIZE_KINDS:
@@ -71,7 +76,7 @@ class MemoryTechniques:
                     raise ConfigError(f"{quantize} and {n} both quantize the base weights{place}; pick one")
                 quantize = n
             seen.add(n)
-        return cls("gc" in seen, quantize, "offload" in seen)
+        return cls("gc" in seen, quantize, "offload" in seen, "chunked_ce" in seen)
 
     @classmethod
     def coerce(cls, value) -> "MemoryTechniques":
@@ -86,13 +91,13 @@ class MemoryTechniques:
     @classmethod
     def for_loading(cls, saved: dict | None) -> "MemoryTechniques":
         """What `memtune.load` re-applies from an adapter_config's record: the quantized base and gc (offload
-        is a property of the training machine, not of the adapter)."""
+        and the chunked loss are properties of the training step, not of the adapter)."""
         t = cls.coerce(saved)
-        return cls(t.gradient_checkpointing, t.quantize, False)
+        return cls(t.gradient_checkpointing, t.quantize)
 
     def names(self) -> tuple[str, ...]:
         return tuple(n for n, on in ((self.quantize, self.quantize is not None), ("gc", self.gradient_checkpointing),
-                                     ("offload", self.offload_activations)) if on)
+                                     ("offload", self.offload_activations), ("chunked_ce", self.chunked_ce)) if on)
 
     def __bool__(self) -> bool:
         return bool(self.names())
@@ -118,7 +123,8 @@ class MemoryTechniques:
 
 def apply_techniques(model, techniques, *, make_layer=None, recompute_context=None, preserve_rng_state=True,
                      dry_check: bool = True, offload_hooks=None, cuda: bool | None = None, check: bool = True):
-    """Apply `techniques` to a wrapped MemtuneModel in place: quantize, then checkpoint, then offload.
+    """Apply `techniques` to a wrapped MemtuneModel in place: quantize, then checkpoint, then offload; the
+    chunked loss is a switch of the model's forward (`model.chunked_ce`).
 
     Records `model.memory_techniques`, `model.block_checkpointing` (or None) and `model.activation_offload`.
     The planner passes its meta stand-ins (`make_layer`, `recompute_context`, `offload_hooks`) and no dry
@@ -130,6 +136,9 @@ def apply_techniques(model, techniques, *, make_layer=None, recompute_context=No
         t.check_method(method)
     if offload_hooks is None:
         t.check_device(cuda)
+    if t.chunked_ce and not model.per_token:
+        raise ConfigError(f"chunked_ce chunks the vocabulary-wide loss of the causal-lm and seq2seq objectives; "
+                          f"this model's objective is {model.objective} (its head's logits are small already)")
     if t.quantize:
         quantize_backbone(model, t.quantize, make_layer)
     ckpt = None
@@ -146,6 +155,7 @@ def apply_techniques(model, techniques, *, make_layer=None, recompute_context=No
 
         offload = ActivationOffload(model, offload_hooks)
     model.memory_techniques = t
+    model.chunked_ce = t.chunked_ce
     model.block_checkpointing = ckpt
     model.activation_offload = offload
     return model

@@ -83,7 +83,11 @@ class QSTConfig(SideNetworkOptions, QSTFields, TrunkCacheOptions, MethodConfig):
     side_checkpointing
                  recompute each side step (gate fusion, downsample, side block) in backward instead of
                  keeping its activations. This is not the `gc` technique: the backbone is never on the
-                 backprop path, so only the side network has activations to recompute.
+                 backprop path, so only the side network has activations to recompute. A pooling
+                 downsample (no weight) runs before the checkpoint, which then keeps the pooled tap
+                 (B×T×d/r) instead of the block output (B×T×d): with downsample="avgpool" the side
+                 network keeps about 2·d/r values per token and layer (SmolLM2 8 × 1024 with +chunked_ce:
+                 0.68 × QLoRA + checkpointing's planned peak, benchmarks/RESULTS.md).
 
     Encoder-decoders (t5, bart, mbart; qst/encoder_decoder.py): a side encoder over the encoder blocks and a
     side decoder over the decoder blocks, each with its own downsamples and gates; the side decoder

@@ -43,6 +43,7 @@ LayerNorm) and the backbone has no final norm, so the side final norm is the ide
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -138,20 +139,27 @@ class QSTModel(MemtuneModel):
     def side_step(self, side: SideNetwork, i: int, s: torch.Tensor, h: torch.Tensor, sctx) -> torch.Tensor:
         """Gate fusion, downsample and side block i of `side` (the side network, or one side stack of an
         encoder-decoder): s (B×T×d'), h (B×T×d, frozen) → B×T×d'."""
-        def step(s_in, h_in, context=sctx):
-            return self.backbone.run_side_block(side.blocks[i], side.fuse(i, s_in, h_in), context)
-
         if not (self.method_config.side_checkpointing and torch.is_grad_enabled()):
-            return step(s, h)
+            return self.backbone.run_side_block(side.blocks[i], side.fuse(i, s, h), sctx)
+        # Checkpointed. A parameter-free downsample (avgpool) runs outside, so the checkpoint keeps Down_i(h)
+        # (B×T×d'_i) and not the full-width h (B×T×d_i); a trainable one keeps h for its weight gradient anyway,
+        # so it runs inside and h is kept once.
+        outside = not any(p.requires_grad for p in side.downsamples[i].parameters())
+        tap = side.downsamples[i](h) if outside else h
         # Some side blocks write into their context (T5: block 0 adds the relative position bias that the later
         # blocks read), so the recompute in backward must start from the context as this step first saw it.
         before, runs = dict(sctx), []
 
-        def checkpointed(s_in, h_in):
-            runs.append(dict(before))
-            return step(s_in, h_in, runs[-1])
+        def step(s_in, tap_in):
+            from ...memory.plan_step import backward_modes     # the planner's kernel modes (else a no-op)
 
-        out = checkpoint(checkpointed, s, h, use_reentrant=False)
+            runs.append(dict(before))
+            # The second run is the recompute, inside backward.
+            with contextlib.nullcontext() if len(runs) == 1 else backward_modes():
+                fused = side.mix(i, s_in, tap_in) if outside else side.fuse(i, s_in, tap_in)
+                return self.backbone.run_side_block(side.blocks[i], fused, runs[-1])
+
+        out = checkpoint(step, s, tap, use_reentrant=False)
         sctx.update(runs[0])                                          # what the forward run wrote
         return out
 

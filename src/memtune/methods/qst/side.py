@@ -101,8 +101,12 @@ class SideNetwork(nn.Module):
 
     def fuse(self, i: int, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """s (B×T×d'_i) and backbone block i's output h (B×T×d_i) → the input of side block i (B×T×d'_i)."""
+        return self.mix(i, s, self.downsamples[i](h))
+
+    def mix(self, i: int, s: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """The gate of `fuse` on the downsampled tap down = Down_i(h) (B×T×d'_i)."""
         beta = self.beta(i)
-        return (1 - beta) * self.downsamples[i](h) + beta * s
+        return (1 - beta) * down + beta * s
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:
         """s_N (B×T×d') → u = Up(Norm_side(s_N)) (B×T×d); without Up, Norm_side(s_N) (B×T×d')."""

@@ -34,6 +34,21 @@ def test_recommend_marks_the_fastest_fitting_configuration(tmp_path):
     assert rows["lora+gc"].benchmark_accuracy == {"minilm-rotten-tomatoes": 0.737}
     assert rows["lst"].benchmark_accuracy is None
     assert rec.accuracy_sources == ["benchmarks/minilm-rotten-tomatoes/results.json"]
+    assert "chunked_ce" not in rec.techniques and not any("chunked_ce" in label for label in rows)
+
+
+def test_causal_lm_search_adds_the_chunked_loss():
+    """A vocabulary-wide loss: each searched combination also with +chunked_ce; at SmolLM2's 49,152 words it
+    fits a larger batch than the same row without it."""
+    settings = PlanSettings(model="smollm2-135m", batch_size=1, max_length=256, budget_bytes=4 * 2 ** 30, layers=1)
+    rec = recommend(settings, methods=["lora"], profile="l4")
+    rows = {m.label: m for m in rec.result.methods}
+    assert "chunked_ce" in rec.techniques
+    assert {"lora+chunked_ce", "lora+gc+chunked_ce"} <= set(rows)
+    for label in ("lora", "lora+gc"):
+        plain, chunked = rows[label], rows[label + "+chunked_ce"]
+        assert plain.status == chunked.status == "ok"
+        assert chunked.max_batch_size > plain.max_batch_size
 
 
 def test_committed_benchmark_accuracies_are_read():

@@ -6,7 +6,8 @@
 Each method is planned as it is, then with the techniques that can change the answer for it: gradient
 checkpointing (`gc`) unless its weights and optimizer state alone exceed the budget, and 4-bit `nf4` / 8-bit
 `int8` frozen weights (each also with `gc`; rows are method specs such as `lora+nf4+gc`, see `memtune.spec`)
-where the frozen weights take over a quarter of the budget or not even one example fits. On a modelled GPU,
+where the frozen weights take over a quarter of the budget or not even one example fits; for a causal-LM or
+seq2seq objective each of those, and the method alone, also with the chunked loss (`+chunked_ce`). On a modelled GPU,
 when the caller did not fix the precision, the search repeats with bf16 weights (`precision="bf16"`: weights,
 gradients and optimizer state in bf16; rows labelled `@bf16`). Every row gets its largest
 batch under the budget, the predicted step time there (`memory.step_time`: counted FLOPs and bytes on the
@@ -117,6 +118,7 @@ def recommend(settings, methods=None, profile: str | None = None, precision_fixe
                          "blocks, linear per block): exact for methods that repeat per block, up to 15 % high "
                          "for DTL and SHERL")
     quantizers = _available_quantizers()
+    lm = _predicts_tokens(settings, config)
     precisions = [settings.precision]
     if not precision_fixed and settings.precision == "fp32" and settings.device == "cuda":
         precisions.append("bf16")
@@ -132,10 +134,12 @@ def recommend(settings, methods=None, profile: str | None = None, precision_fixe
             if m.status != "ok":
                 continue
             frozen = m.parameter_bytes - m.gradient_bytes
-            if m.start_bytes < budget:
-                second.append(_spec(m.label, ("gc",)))
+            combos = [("gc",)] if m.start_bytes < budget else []
             if quantizers and (frozen > budget / 4 or not m.max_batch_size):
-                second += [_spec(m.label, combo) for q in quantizers for combo in ((q,), (q, "gc"))]
+                combos += [combo for q in quantizers for combo in ((q,), (q, "gc"))]
+            if lm:                  # the same loss without the N×V logits: with every combination, and alone
+                combos += [(*combo, "chunked_ce") for combo in [(), *combos]]
+            second += [_spec(m.label, combo) for combo in combos]
         specs, bad = _valid_specs(second)
         seen = {m.label for m in refused}
         refused += [m for m in bad if m.label not in seen]       # the same refusals at every precision
@@ -153,8 +157,18 @@ def recommend(settings, methods=None, profile: str | None = None, precision_fixe
     out = copy.copy(base)
     out.methods = rows
     best = next((m for m in rows if m.recommended), None)
-    techniques = ["gc", *quantizers] + (["bf16 weights"] if len(precisions) > 1 else [])
+    techniques = (["gc", *quantizers] + (["chunked_ce"] if lm else [])
+                  + (["bf16 weights"] if len(precisions) > 1 else []))
     return Recommendation(out, best, techniques, notes, sources)
+
+
+def _predicts_tokens(settings, config) -> bool:
+    """Whether the planned objective has a vocabulary-wide loss (causal LM, seq2seq), where chunked_ce applies."""
+    from .known_configs import resolve_config
+    from .plan_step import objective_of
+
+    cfg = config if config is not None else resolve_config(settings.model)[0]
+    return objective_of(cfg, settings) in ("causal-lm", "seq2seq")
 
 
 def _valid_specs(specs: list[str]):

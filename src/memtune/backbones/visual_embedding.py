@@ -48,10 +48,10 @@ class VisualEmbedding(nn.Module):
         self.proj = nn.Linear(visual_width, width)                  # W_v, b_v: d_v → width
         self.norm = nn.RMSNorm(width, eps=eps) if norm == "rms" else nn.LayerNorm(width, eps=eps)
         # t_v starts at 0; the codes start as small random rows, N(0, 0.02²) as BERT's learned position
-        # embeddings: positions are told apart from the first step, and the content Norm(W_v·v) (RMS 1) is what
-        # the reader sees. Unit-scale codes (the size of the official frozen embedding rows) weigh as much as
-        # the content and drown it: LST-VL read the class of a digit at 0.22 with them, 0.45 with these
-        # (digits-vqa/C1, 300 steps; benchmarks/RESULTS.md).
+        # embeddings: positions are told apart from the first step, and the content Norm(W_v·v) (RMS 1) is most
+        # of what the reader sees at init, rather than half of it as with unit-scale codes (the size of the
+        # official frozen embedding rows). Measured (benchmarks/notes.md, digits-vqa): no difference where
+        # training is stable, a help near the edge of it.
         self.type_code = nn.Parameter(torch.zeros(width))
         self.position_codes = nn.Parameter(torch.randn(tokens, width) * POSITION_CODE_STD)
         # E_img: one row per image of a two-image example (ids [0]×V + [1]×V); zero, so one-image outputs are

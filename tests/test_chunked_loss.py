@@ -6,7 +6,6 @@ import torch.nn.functional as F
 import memtune
 from memtune.memory.measure import measure_training_memory
 from memtune.memory.plan import PlanSettings, plan
-from memtune.memory.plan_step import make_optimizer
 from memtune.methods import ConfigError
 from memtune.models import load_model
 from memtune.spec import parse_spec
@@ -14,6 +13,7 @@ from memtune.techniques import MemoryTechniques
 from memtune.techniques.chunked_loss import chunked_lm_loss, default_chunk_rows
 
 from .conftest import tiny_batch
+from .memory.test_plan_techniques import measure_real
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -134,13 +134,7 @@ def test_plan_matches_the_cpu_tracker_and_cuts_the_logits():
     result = plan(settings, "lora+chunked_ce,full+chunked_ce")
     for mp in result.methods:
         assert mp.status == "ok", mp.message
-        s = parse_spec(mp.label)
-        torch.manual_seed(0)
-        model = memtune.wrap(load_model("tiny-llama"), memtune.config_for(s.method, s.options),
-                             techniques=s.techniques)
-        model.train()
-        batch = tiny_batch(model, batch_size=2, length=32)
-        real = measure_training_memory(model, batch, make_optimizer(model, settings), warmup=2)
+        _, real = measure_real(settings, mp)
         assert mp.peak_bytes == real.peak_bytes and mp.activation_peak_bytes == real.activation_peak_bytes, mp.label
     big = plan(PlanSettings(model="smollm2-135m", batch_size=2, max_length=512, layers=1), "lora,lora+chunked_ce")
     plain, chunked = big.methods

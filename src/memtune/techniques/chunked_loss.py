@@ -65,11 +65,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, *stored = ctx.saved_tensors
         stored = iter(stored)
-        grad_params = []
-        for used in ctx.used:
-            g = next(stored) if used else None
-            grad_params.append(None if g is None else g * grad_loss.to(g.dtype))
-        return (grad_h * grad_loss.to(grad_h.dtype), None, None, None, *grad_params)
+        grad_params = [next(stored) if used else None for used in ctx.used]
+        return (grad_h * grad_loss.to(grad_h.dtype), None, None, None,
+                *(None if g is None else g * grad_loss.to(g.dtype) for g in grad_params))
 
 
 def chunked_lm_loss(h: torch.Tensor, targets: torch.Tensor, head, params=(), chunk_rows: int | None = None,

@@ -24,6 +24,8 @@ def test_parsers_accept_counts_lists_and_refuse_nonsense():
     for bad in ("0", "-1", "a", "1,1"):
         with pytest.raises(ArgumentError):
             parse_seeds(bad)
+    with pytest.raises(ArgumentError, match="count of seeds.*give --seeds 1 --seed 0"):
+        parse_seeds("0")                     # one seed 0: a count of zero, with the spelling that works
     for bad in ("x", "0", "-1e-3", "1e-3,1e-3", "inf"):
         with pytest.raises(ArgumentError):
             parse_lr_grid(bad)

@@ -65,15 +65,16 @@ def parse_seeds(text: str | None, base_seed: int = 0) -> list[int]:
         return [base_seed]
     text = str(text).strip()
     try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",")]
-        else:
-            n = int(text)
-            if n < 1:
-                raise ArgumentError(f"--seeds must be >= 1 (a count) or a comma list of seeds, got {text}")
-            seeds = list(range(base_seed, base_seed + n))
+        numbers = [int(s) for s in text.split(",")]
     except ValueError:
         raise ArgumentError(f"--seeds takes a count (3) or a comma list of seeds (0,1,2), got {text!r}") from None
+    if "," in text:
+        seeds = numbers
+    elif numbers[0] < 1:
+        raise ArgumentError(f"--seeds {text}: a single number is a count of seeds (from --seed on) and must be >= 1; "
+                            f"for one run with seed {numbers[0]} give --seeds 1 --seed {numbers[0]}")
+    else:
+        seeds = list(range(base_seed, base_seed + numbers[0]))
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ArgumentError(f"--seeds must be distinct non-negative integers, got {text}")
     return seeds

@@ -450,7 +450,8 @@ def convergence_section() -> str:
                 f"--methods M --seeds 0,1,2`, batch {shape}, {s['epochs']:g} epochs, default "
                 f"learning rates, {s['precision']}; side methods replay the frozen trunk from epoch 2). Budget: one "
                 f"CPU thread per run, {BUDGET[task]}; methods not listed did not finish "
-                "within the session, and a row with one seed (no interval) is all the session had time for; wall times (training and evaluation of one seed) were taken while other jobs shared the "
+                "within the session, and a row with one seed (no interval) is all the session had time for; wall "
+                "times (training and evaluation of one seed) were taken while other jobs shared the "
                 f"two cores. Interval: 95 % Student t over the seeds. Peak: one step at batch {step} (CPU tracker).", "",
                 "| method | accuracy per seed | mean ± 95 % | vs full | peak GiB (vs LoRA+gc) | steps | wall s, seed 0 |",
                 "|---|---|---|---|---|---|---|"]

@@ -71,8 +71,9 @@ def parse_seeds(text: str | None, base_seed: int = 0) -> list[int]:
     if "," in text:
         seeds = numbers
     elif numbers[0] < 1:
-        raise ArgumentError(f"--seeds {text}: a single number is a count of seeds (from --seed on) and must be >= 1; "
-                            f"for one run with seed {numbers[0]} give --seeds 1 --seed {numbers[0]}")
+        hint = "; for one run with seed 0 give --seeds 1 --seed 0" if numbers[0] == 0 else ""
+        raise ArgumentError(f"--seeds {text}: a single number is a count of seeds (from --seed on) and must be "
+                            f">= 1{hint}")
     else:
         seeds = list(range(base_seed, base_seed + numbers[0]))
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):

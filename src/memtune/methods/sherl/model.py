@@ -175,10 +175,7 @@ class SHERLModel(MemtuneModel):
         x = self.mtsa(feats)                                   # X̃: B×K×D, the only graph so far
         if self.side_visual is not None:                       # K = V+T: X̃ + [P_s(v) ; 0]
             x = self.side_visual.add_at_visual_positions(x, ctx)
-        for i in range(self.num_early, bb.num_layers):
-            x = bb.run_block(i, x, ctx)                        # frozen weights, gradient flows through
-        h = bb.finish(x, ctx)
-        return h if self.per_token else bb.pool(h, ctx)
+        return self._late_route(x, ctx)
 
     def _stage_features(self, batch):
         """Hierarchical backbones: in-stage outputs pooled (no graph) and projected to the guide's grid and width."""
@@ -192,6 +189,11 @@ class SHERLModel(MemtuneModel):
                  for name, f in zip(self.feature_names, pooled)]
         x = self.mtsa(feats)                                   # X̃: B×T_g×D, the only graph so far
         x = bb.stage_transition(self.num_early - 1, x, ctx)    # frozen; the identity unless the guide ends a stage
+        return self._late_route(x, ctx)
+
+    def _late_route(self, x, ctx):
+        """The merged features X̃ through the late block(s), the final norm and (unless per-token) the pooling."""
+        bb = self.backbone
         for i in range(self.num_early, bb.num_layers):
             x = bb.run_block(i, x, ctx)                        # frozen weights, gradient flows through
         h = bb.finish(x, ctx)

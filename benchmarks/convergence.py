@@ -2,6 +2,7 @@
 
     python benchmarks/convergence.py --task minilm                  # MiniLM + Rotten Tomatoes, every method
     python benchmarks/convergence.py --task minilm --methods lst,full --seeds 0,1,2
+    python benchmarks/convergence.py --task dinov2 --methods lst:r=4     # options after the name, as in compare
 
 Each method runs as its own `memtune compare --seeds ...` (a fresh process per seed) into
 runs/convergence/<task>/<method>/, and its results.json is copied to benchmarks/convergence/<task>/<method>.json
@@ -47,10 +48,18 @@ TASKS = {
 
 
 def method_spec(name: str, task: dict | None = None) -> str:
-    if name not in CACHED:
+    """The spec a method runs as: a side method gets its trunk-cache options, then the options given with it
+    ('lst:r=4' → 'lst:cache_trunk=true:trunk_dropout=false[:cache_dtype=bf16]:r=4')."""
+    base, sep, options = name.partition(":")
+    if base not in CACHED:
         return name
-    extra = (task or {}).get("cache_options", "") if name != "dtl" else ""
-    return CACHED[name] + extra
+    extra = (task or {}).get("cache_options", "") if base != "dtl" else ""
+    return CACHED[base] + extra + sep + options
+
+
+def record_name(name: str) -> str:
+    """The record's file stem (and run folder) for a --methods item: 'lora+gc' → 'lora_gc', 'lst:r=4' → 'lst_r-4'."""
+    return name.replace("+", "_").replace(":", "_").replace("=", "-")
 
 
 def main():
@@ -68,12 +77,14 @@ def main():
     task = TASKS[name]
     dest = HERE / "convergence" / name
     dest.mkdir(parents=True, exist_ok=True)
-    for m in (a.methods.split(",") if a.methods else task["methods"]):
-        out = Path("runs/convergence") / name / m.replace("+", "_")
+    from memtune.spec import split_specs
+
+    for m in (split_specs(a.methods) if a.methods else task["methods"]):
+        out = Path("runs/convergence") / name / record_name(m)
         if a.collect:
             record = partial_record(out, method_spec(m, task))
             if record and not (out / "results.json").exists():
-                (dest / f"{m.replace('+', '_')}.json").write_text(json.dumps({"records": [record]}, indent=1) + "\n")
+                (dest / f"{record_name(m)}.json").write_text(json.dumps({"records": [record]}, indent=1) + "\n")
                 print(f"{m}: seeds {record['seeds']} of an interrupted run", flush=True)
             continue
         cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m, task),
@@ -82,7 +93,7 @@ def main():
             cmd += ["--lr-grid", ",".join(f"{float(x) * default_lr(m, task):g}" for x in a.lr_grid.split(","))]
         print("$", " ".join(cmd[1:]), flush=True)
         if subprocess.run(cmd).returncode == 0 and (out / "results.json").exists():
-            shutil.copy(out / "results.json", dest / f"{m.replace('+', '_')}.json")
+            shutil.copy(out / "results.json", dest / f"{record_name(m)}.json")
 
 
 def partial_record(out: Path, label: str) -> dict | None:

@@ -283,6 +283,15 @@ def trunk_cache_targets(add) -> None:
                 r["later_over_full"] <= 0.25)
 
 
+def recipe_name(r: dict) -> str:
+    """A convergence record's short name: its label without how it fed the frozen trunk, with its techniques
+    ('lst:cache_trunk=true:trunk_dropout=false:cache_dtype=bf16:r=4' → 'lst:r=4'; 'lora+gc')."""
+    spec, *techniques = r["label"].split("+")
+    method, *options = spec.split(":")
+    kept = [o for o in options if not o.startswith(("cache_", "trunk_dropout="))]
+    return ":".join([method, *kept]) + "".join("+" + t for t in techniques)
+
+
 def convergence_targets(add) -> None:
     """Accuracy at convergence (mean of 3 seeds): every memory-efficient method within 1 point of full fine-tuning
     (issue 13) and the side methods within 1 point of LoRA + checkpointing (issue 20)."""
@@ -291,26 +300,28 @@ def convergence_targets(add) -> None:
         for f in sorted((HERE / "convergence" / task).glob("*.json")):
             for r in json.loads(f.read_text())["records"]:
                 if "error" not in r and r.get("accuracy_mean") is not None:
-                    done[r["method"] + "".join("+" + t for t in r.get("techniques") or ())] = r
+                    done[recipe_name(r)] = r
         full, gc = done.get("full"), done.get("lora+gc")
         for name, r in done.items():
             if name == "full" or name == "linear":
                 continue
+            n = len(r["accuracy_per_seed"])
+            seeds = f"{n} seed{'s' if n > 1 else ''}"
             ci = f" ± {r['accuracy_ci95']:.3f}" if r.get("accuracy_ci95") else ""
             if full:
                 gap = 100 * (full["accuracy_mean"] - r["accuracy_mean"])
-                add(f"{name} accuracy vs full fine-tuning at convergence, {title} ({len(r['accuracy_per_seed'])} seeds)",
+                add(f"{name} accuracy vs full fine-tuning at convergence, {title} ({seeds})",
                     f"{r['accuracy_mean']:.3f}{ci}: {abs(gap):.1f} points {'below' if gap >= 0 else 'above'}",
                     "within 1 point", gap <= 1.0)
-            if gc and name in ("lst", "sherl", "qst"):
+            if gc and r["method"] in ("lst", "sherl", "qst"):
                 gap = 100 * (gc["accuracy_mean"] - r["accuracy_mean"])
-                add(f"{name} accuracy vs LoRA+gc at convergence, {title} ({len(r['accuracy_per_seed'])} seeds)",
+                add(f"{name} accuracy vs LoRA+gc at convergence, {title} ({seeds})",
                     f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'}", "within 1 point", gap <= 1.0)
         probe = done.get("linear")
-        if probe:
-            for name in ("lst", "dtl"):
-                if name in done and task.startswith("dinov2"):
-                    d = done[name]["accuracy_mean"] - probe["accuracy_mean"]
+        if probe and task.startswith("dinov2"):
+            for name, r in done.items():
+                if r["method"] in ("lst", "dtl"):
+                    d = r["accuracy_mean"] - probe["accuracy_mean"]
                     add(f"{name} at or above the linear probe, {title}", f"{100 * d:+.1f} points", "≥ 0", d >= 0)
 
 

@@ -283,13 +283,20 @@ def trunk_cache_targets(add) -> None:
                 r["later_over_full"] <= 0.25)
 
 
+def grid_note(r: dict) -> str:
+    """' (lr grid 0.0009, 0.003 → 0.003 on validation)' for a record whose learning rate a grid chose, else ''."""
+    if not r.get("lr_grid"):
+        return ""
+    return f" (lr grid {', '.join(r['lr_grid'])} → {r['lr_selected']:g} on validation)"
+
+
 def recipe_name(r: dict) -> str:
     """A convergence record's short name: its label without how it fed the frozen trunk, with its techniques
-    ('lst:cache_trunk=true:trunk_dropout=false:cache_dtype=bf16:r=4' → 'lst:r=4'; 'lora+gc')."""
+    and learning-rate grid ('lst:cache_trunk=true:trunk_dropout=false:cache_dtype=bf16:r=4' → 'lst:r=4')."""
     spec, *techniques = r["label"].split("+")
     method, *options = spec.split(":")
     kept = [o for o in options if not o.startswith(("cache_", "trunk_dropout="))]
-    return ":".join([method, *kept]) + "".join("+" + t for t in techniques)
+    return ":".join([method, *kept]) + "".join("+" + t for t in techniques) + grid_note(r)
 
 
 def convergence_targets(add) -> None:
@@ -475,7 +482,7 @@ def convergence_section() -> str:
             gap = f"{(r['accuracy_mean'] - full['accuracy_mean']) * 100:+.1f} pt" if full else "–"
             peak = f"{r['peak_bytes'] / GIB:.3f} ({ratio(r['peak_bytes'], gc['peak_bytes']) if gc else '–'}×)"
             seeds = ", ".join(f"{a:.3f}" for a in r["accuracy_per_seed"])
-            label = r["label"] + (f" ({len(r['seeds'])} seeds: interrupted)" if r.get("partial") else "")
+            label = r["label"] + grid_note(r) + (f" ({len(r['seeds'])} seeds: interrupted)" if r.get("partial") else "")
             out.append(f"| {label} | {seeds} | {r['accuracy_mean']:.3f}{ci} | {gap} | {peak} | {r['steps']} | {r['wall_time_s']:.0f} |")
         out.append("")
     return "\n".join(out)
@@ -485,7 +492,7 @@ def _recipe(r: dict) -> tuple:
     """What a run trained, without how it fed the frozen trunk: the trunk cache (and the eval-mode trunk it
     needs) changes the time of epochs 2+, not the method; a README row and a convergence row compare on this."""
     options = {k: v for k, v in (r.get("config") or {}).items() if not k.startswith("cache_") and k != "trunk_dropout"}
-    return r["method"], tuple(r.get("techniques") or ()), json.dumps(options, sort_keys=True)
+    return r["method"], tuple(r.get("techniques") or ()), json.dumps(options, sort_keys=True), grid_note(r)
 
 
 def convergence_by_recipe(task: str) -> dict:

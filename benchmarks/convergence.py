@@ -58,8 +58,11 @@ def method_spec(name: str, task: dict | None = None) -> str:
 
 
 def record_name(name: str) -> str:
-    """The record's file stem (and run folder) for a --methods item: 'lora+gc' → 'lora_gc', 'lst:r=4' → 'lst_r-4'."""
-    return name.replace("+", "_").replace(":", "_").replace("=", "-")
+    """The record's file stem (and run folder) for a --methods item: compare's run name with '+' → '_'
+    ('lora+gc' → 'lora_gc', 'lst:r=4' → 'lst_r-4')."""
+    from memtune.spec import parse_specs
+
+    return parse_specs([name])[0].run_name.replace("+", "_")
 
 
 def main():

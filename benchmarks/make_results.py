@@ -283,6 +283,12 @@ def trunk_cache_targets(add) -> None:
                 r["later_over_full"] <= 0.25)
 
 
+def feeds_trunk(option: str) -> bool:
+    """Options that say how a run fed the frozen trunk (the trunk cache and the eval-mode trunk it needs): they
+    change the time of epochs 2+, not what the method trains."""
+    return option.startswith("cache_") or option == "trunk_dropout"
+
+
 def grid_note(r: dict) -> str:
     """' (lr grid: 0.0009 val 0.871, 0.003 val 0.880 → 0.003)' for a record whose learning rate a grid chose on
     the validation carve-out, else ''."""
@@ -297,7 +303,7 @@ def recipe_name(r: dict) -> str:
     and learning-rate grid ('lst:cache_trunk=true:trunk_dropout=false:cache_dtype=bf16:r=4' → 'lst:r=4')."""
     spec, *techniques = r["label"].split("+")
     method, *options = spec.split(":")
-    kept = [o for o in options if not o.startswith(("cache_", "trunk_dropout="))]
+    kept = [o for o in options if not feeds_trunk(o.split("=")[0])]
     return ":".join([method, *kept]) + "".join("+" + t for t in techniques) + grid_note(r)
 
 
@@ -493,7 +499,7 @@ def convergence_section() -> str:
 def _recipe(r: dict) -> tuple:
     """What a run trained, without how it fed the frozen trunk: the trunk cache (and the eval-mode trunk it
     needs) changes the time of epochs 2+, not the method; a README row and a convergence row compare on this."""
-    options = {k: v for k, v in (r.get("config") or {}).items() if not k.startswith("cache_") and k != "trunk_dropout"}
+    options = {k: v for k, v in (r.get("config") or {}).items() if not feeds_trunk(k)}
     return r["method"], tuple(r.get("techniques") or ()), json.dumps(options, sort_keys=True), grid_note(r)
 
 

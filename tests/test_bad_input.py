@@ -78,6 +78,9 @@ TRAIN_CASES = {
     "batch size -1": (["--task", "csv:{ok}", "--batch-size", "-1"], "--batch-size must be between 1 and 65536"),
     "batch size 10**9": (["--task", "csv:{ok}", "--batch-size", BIG], "--batch-size must be between 1 and 65536"),
     "eval batch size 10**9": (["--task", "csv:{ok}", "--eval-batch-size", BIG], "--eval-batch-size must be between"),
+    "warm-up share 1": (["--task", "csv:{ok}", "--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1), got 1.0"),
+    "negative clip norm": (["--task", "csv:{ok}", "--grad-clip", "-1"],
+                           "--grad-clip must be a finite norm >= 0 (0: no clipping), got -1.0"),
     "side network on an unsupported family": (["--model", "tiny-t5", "--task", "csv:{ok}", "--method", "dtl"],
                                               "does not support the t5 family (it is not one bidirectional "
                                               "encoder stack); supported families: bert, vit"),

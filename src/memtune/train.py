@@ -69,8 +69,9 @@ class TrainArgs:
     eval_batch_size: int = 64
     lr: float | None = field(default=None, metadata={"help": "default: the method's own"})
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    grad_clip: float = 1.0
+    warmup_ratio: float = field(default=0.06, metadata={
+        "help": "share of the steps with a linear warm-up (then linear decay to 0)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this value; 0: no clipping"})
     max_length: int = 128
     image_size: int | None = None
     seed: int = 0
@@ -140,6 +141,8 @@ class TrainArgs:
         need(self.checkpoint_every is None or self.checkpoint_every >= 1,
              f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.grad_clip >= 0 and math.isfinite(self.grad_clip),
+             f"--grad-clip must be a finite norm >= 0 (0: no clipping), got {self.grad_clip}")
         need(self.quantize in (None, *QUANTIZE_KINDS), f"--quantize must be nf4, fp4 or int8, got {self.quantize!r}")
         if self.precision == "fp16" and not torch.cuda.is_available():
             raise ArgumentError("--precision fp16 needs a CUDA GPU (CPU autocast supports bf16); use bf16 or fp32")
@@ -269,26 +272,36 @@ def measure_memory(args: TrainArgs) -> dict:
     """Peak memory of one training step on a fresh model, inputs padded to exactly max_length."""
     from .memory.measure import measure_training_memory
 
+    model, batch, optimizer, autocast = memory_step(args)
+    cuda = batch["example_id"].device.type == "cuda"
+    report = measure_training_memory(model, batch, optimizer, warmup=3 if cuda else 2, steps=5 if cuda else 1,
+                                     autocast=autocast)
+    return report.to_dict()
+
+
+def memory_step(args: TrainArgs, batch=None):
+    """What the memory run steps: (fresh model in training mode, batch, optimizer, autocast or None), on CUDA
+    where there is one. The batch is --memory-batch-size training examples padded to exactly
+    --memory-max-length, unless `batch` (a dict of CPU tensors with the model's input keys) is given."""
     seed_everything(args.seed)
     length = args.memory_max_length or args.max_length
     model, task, loaded, _ = build(args)
     check_length(loaded, length)
-    collate = make_collate(task.kind, loaded.preprocessor,
-                           **collate_options(args, task, model, loaded.preprocessor, max_length=length,
-                                             pad_to_max_length=True))
-    examples = list(itertools.islice(itertools.cycle(task.train), args.memory_batch_size or args.batch_size))
+    if batch is None:
+        collate = make_collate(task.kind, loaded.preprocessor,
+                               **collate_options(args, task, model, loaded.preprocessor, max_length=length,
+                                                 pad_to_max_length=True))
+        examples = list(itertools.islice(itertools.cycle(task.train), args.memory_batch_size or args.batch_size))
+        batch = collate(examples)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     # Distinct example ids, as the training loader gives them: a trunk-cached method measures its filling step.
-    batch = {k: v.to(device) for k, v in {**collate(examples), "example_id": torch.arange(len(examples))}.items()}
-    optimizer = make_optimizer(model, args)
+    rows = next(iter(batch.values())).shape[0]
+    batch = {k: v.to(device) for k, v in {**batch, "example_id": torch.arange(rows)}.items()}
     autocast = None
     if args.precision != "fp32":
         autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
-    cuda = device.type == "cuda"
-    report = measure_training_memory(model, batch, optimizer, warmup=3 if cuda else 2, steps=5 if cuda else 1,
-                                     autocast=autocast)
-    return report.to_dict()
+    return model, batch, make_optimizer(model, args), autocast
 
 
 def make_optimizer(model, args: TrainArgs):

@@ -11,8 +11,8 @@ from .fields import add_field_flags, given
 
 TRAIN_ONLY = ("method", "out", "checkpoint_every", "resume", "overwrite", "measure_memory", "eval_before")
 TECHNIQUES = ("gradient_checkpointing", "quantize", "offload_activations", "chunked_ce")   # their own help group
-# `options` are the method-option flags (`cli.method_flags`); the others are set through the Python API only.
-NOT_FLAGS = ("options", "warmup_ratio", "grad_clip")
+# `options` are the method-option flags (`cli.method_flags`).
+NOT_FLAGS = ("options",)
 # Shared flags that each command handles itself; the other shared flags are the run's settings (what compare
 # passes on to every row's `memtune train`, under a preset's values).
 NOT_SETTINGS = ("model", "task", "progress")

@@ -9,7 +9,8 @@ runs/convergence/<task>/<method>/, and its results.json is copied to benchmarks/
 as soon as it finishes, so an interrupted benchmark keeps what it measured; `--collect` turns the seeds an
 interrupted method did finish (their metrics.json) into its record, marked `partial`. `--lr-grid` adds a learning-rate
 grid per method (multiples of the method's default learning rate, chosen on a validation split carved from the
-training data, see memtune.sweep). `python benchmarks/make_results.py` tabulates the finished methods.
+training data, see memtune.sweep). `--add-seeds 3,4` runs further seeds of methods that have a record and joins
+them into it (memtune.sweep.merge_seed_runs). `python benchmarks/make_results.py` tabulates the finished methods.
 
 Side methods replay the frozen trunk from epoch 2 on (`cache_trunk=true`); LST and SHERL then run the trunk in
 eval mode (`trunk_dropout=false`; so does QST), which the cache needs on a backbone with dropout.
@@ -70,6 +71,8 @@ def main():
     ap.add_argument("--task", required=True, help="minilm or dinov2 (a prefix of " + ", ".join(TASKS) + ")")
     ap.add_argument("--methods", default=None, help="comma list (default: the task's list)")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--add-seeds", default=None,
+                    help="seeds to add to each method's existing record (comma list), e.g. 1,2")
     ap.add_argument("--lr-grid", default=None, help="multiples of each method's default lr, e.g. 0.3,1,3")
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: record the finished seeds of methods whose compare was interrupted")
@@ -90,13 +93,37 @@ def main():
                 (dest / f"{record_name(m)}.json").write_text(json.dumps({"records": [record]}, indent=1) + "\n")
                 print(f"{m}: seeds {record['seeds']} of an interrupted run", flush=True)
             continue
+        record_file = dest / f"{record_name(m)}.json"
+        if a.add_seeds and not record_file.exists():
+            sys.exit(f"--add-seeds: {m} has no record {record_file.name} to extend; run it with --seeds first")
+        if a.add_seeds:
+            out = out.with_name(out.name + "-more-seeds")
         cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m, task),
-               "--seeds", a.seeds, "--out", str(out), "--no-progress"]
+               "--seeds", a.add_seeds or a.seeds, "--out", str(out), "--no-progress"]
         if a.lr_grid:
             cmd += ["--lr-grid", ",".join(f"{float(x) * default_lr(m, task):g}" for x in a.lr_grid.split(","))]
         print("$", " ".join(cmd[1:]), flush=True)
-        if subprocess.run(cmd).returncode == 0 and (out / "results.json").exists():
-            shutil.copy(out / "results.json", dest / f"{record_name(m)}.json")
+        if subprocess.run(cmd).returncode != 0 or not (out / "results.json").exists():
+            continue
+        if a.add_seeds:
+            extend_record(record_file, out / "results.json")
+        else:
+            shutil.copy(out / "results.json", record_file)
+
+
+def extend_record(record_file: Path, more_file: Path) -> None:
+    """Join the seeds of a later run (more_file) into a method's record; the file keeps both commands."""
+    from memtune.sweep import merge_seed_runs
+
+    base, more = json.loads(record_file.read_text()), json.loads(more_file.read_text())
+    [old], [new] = base["records"], more["records"]
+    if "error" in new:
+        print(f"{record_file.stem}: the added seeds failed ({new['error'][:200]}); the record is unchanged")
+        return
+    base["records"] = [merge_seed_runs(old, new)]
+    base["earlier_commands"] = [*base.get("earlier_commands", []), base["command"]]
+    base["command"] = more["command"]
+    record_file.write_text(json.dumps(base, indent=1) + "\n")
 
 
 def partial_record(out: Path, label: str) -> dict | None:

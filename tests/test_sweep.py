@@ -6,7 +6,7 @@ import pytest
 from memtune.data import load_task
 from memtune.data.base import TaskError
 from memtune.data.splits import carve_validation
-from memtune.sweep import aggregate, ci95_half_width, parse_lr_grid, parse_seeds, run_spec, select_lr
+from memtune.sweep import aggregate, ci95_half_width, merge_seed_runs, parse_lr_grid, parse_seeds, run_spec, select_lr
 from memtune.train import ArgumentError
 
 
@@ -57,6 +57,45 @@ def test_aggregate_keeps_going_when_one_seed_fails():
     rec = aggregate([{"accuracy": 0.8}, {"error": "boom"}, {"accuracy": 0.9}], [0, 1, 2])
     assert rec["seeds"] == [0, 2] and rec["failed_seeds"] == [1]
     assert rec["accuracy_mean"] == pytest.approx(0.85)
+
+
+def _seed_run(seeds, accs, mcc=True, **settings):
+    runs = [{"label": "lora+gc", "method": "lora", "config": {"r": 8}, "accuracy": a, "mcc": a - 0.1,
+             "step_time_s": 2.0 + s, "peak_bytes": 100 + s, "settings": {"seed": s, "lr": None, **settings}}
+            for s, a in zip(seeds, accs)]
+    rec = aggregate(runs, seeds)
+    if mcc:    # as a task whose metrics include MCC records it: per seed
+        values = [r["mcc"] for r in runs]
+        rec.update(mcc_per_seed=values, mcc_mean=sum(values) / len(values), mcc_ci95=ci95_half_width(values))
+    return rec
+
+
+def test_merged_seed_runs_equal_one_run_over_all_their_seeds():
+    merged = merge_seed_runs(_seed_run([0], [0.88]), _seed_run([2, 1], [0.86, 0.87]))
+    whole = _seed_run([0, 1, 2], [0.88, 0.87, 0.86])
+    assert merged["seeds"] == [0, 1, 2]
+    for metric in ("accuracy", "mcc"):
+        assert merged[f"{metric}_per_seed"] == pytest.approx(whole[f"{metric}_per_seed"])
+        assert merged[f"{metric}_mean"] == pytest.approx(whole[f"{metric}_mean"]) == merged[metric]
+        assert merged[f"{metric}_ci95"] == pytest.approx(whole[f"{metric}_ci95"])
+    # memory and settings stay the base run's first seed's
+    assert merged["peak_bytes"] == 100 and merged["settings"]["seed"] == 0
+
+
+def test_merging_drops_a_summary_that_only_one_run_has():
+    merged = merge_seed_runs(_seed_run([0], [0.88]), _seed_run([1], [0.87], mcc=False))
+    assert "mcc_per_seed" not in merged and "mcc_mean" not in merged
+    assert merged["accuracy_per_seed"] == pytest.approx([0.88, 0.87])
+
+
+def test_merging_refuses_other_specs_and_repeated_seeds():
+    with pytest.raises(ArgumentError, match="settings.lr"):
+        merge_seed_runs(_seed_run([0], [0.88]), _seed_run([1], [0.87], lr=1e-3))
+    other = {**_seed_run([1], [0.87]), "config": {"r": 4}}
+    with pytest.raises(ArgumentError, match="config"):
+        merge_seed_runs(_seed_run([0], [0.88]), other)
+    with pytest.raises(ArgumentError, match=r"seeds \[1\] are in both"):
+        merge_seed_runs(_seed_run([0, 1], [0.88, 0.8]), _seed_run([1, 2], [0.87, 0.86]))
 
 
 def test_validation_is_disjoint_from_train_and_test_and_movie_disjoint():

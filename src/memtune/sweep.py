@@ -116,6 +116,42 @@ def aggregate(records: list[dict], seeds: list[int]) -> dict:
     return out
 
 
+# Settings that differ between runs of one spec on different seeds.
+_PER_RUN_SETTINGS = ("seed", "seeds", "out")
+
+
+def merge_seed_runs(base: dict, more: dict) -> dict:
+    """One record from two aggregated runs of the same spec on disjoint seeds (a benchmark extended with more
+    seeds later): the per-seed values are joined in seed order, and their mean and interval recomputed.
+    Memory, step time and settings stay the base run's (its first seed's), as in `aggregate`."""
+    from .train import ArgumentError
+
+    differ = [k for k in ("label", "method", "model", "task", "config", "techniques") if base.get(k) != more.get(k)]
+    settings = [k for k in {*base.get("settings", {}), *more.get("settings", {})} - set(_PER_RUN_SETTINGS)
+                if base["settings"].get(k) != more["settings"].get(k)]
+    if differ or settings:
+        raise ArgumentError(f"these runs are not the same spec on other seeds: they differ in "
+                            f"{', '.join([*differ, *(f'settings.{k}' for k in sorted(settings))])}")
+    if set(base["seeds"]) & set(more["seeds"]):
+        raise ArgumentError(f"seeds {sorted(set(base['seeds']) & set(more['seeds']))} are in both runs; "
+                            "extend a run with seeds it does not have")
+    seeds = [*base["seeds"], *more["seeds"]]
+    order = sorted(range(len(seeds)), key=seeds.__getitem__)
+    out = {**base, "seeds": [seeds[i] for i in order]}
+    for key in [k for k in base if k.endswith("_per_seed")]:
+        metric = key[:-len("_per_seed")]
+        if more.get(key) is None:      # the other run lacks it: no summary over only some seeds
+            for k in (key, f"{metric}_mean", f"{metric}_ci95"):
+                out.pop(k, None)
+            continue
+        joined = [*base[key], *more[key]]
+        values = [joined[i] for i in order]
+        out[key] = values
+        out[f"{metric}_mean"] = out[metric] = statistics.fmean(values)
+        out[f"{metric}_ci95"] = ci95_half_width(values)
+    return out
+
+
 def run_spec(run_one: Callable[[int, float | None, bool], dict], seeds: list[int], lr_grid: list[float]) -> dict:
     """Run one method spec under the protocol above. `run_one(seed, lr, validate)` trains once and returns
     its record (`validate`: hold out the validation split and report `val_accuracy`)."""

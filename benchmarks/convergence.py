@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: record the finished seeds of methods whose compare was interrupted")
     a = ap.parse_args()
+    if a.add_seeds and a.lr_grid:
+        ap.error("--add-seeds trains at the learning rate of the record it extends; leave out --lr-grid")
     name = next((t for t in TASKS if t.startswith(a.task)), None)
     if name is None:
         ap.error(f"--task: {a.task!r} is not one of {', '.join(TASKS)}")
@@ -94,12 +96,14 @@ def main():
                 print(f"{m}: seeds {record['seeds']} of an interrupted run", flush=True)
             continue
         record_file = dest / f"{record_name(m)}.json"
-        if a.add_seeds and not record_file.exists():
-            sys.exit(f"--add-seeds: {m} has no record {record_file.name} to extend; run it with --seeds first")
-        if a.add_seeds:
-            out = out.with_name(out.name + "-more-seeds")
         cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m, task),
-               "--seeds", a.add_seeds or a.seeds, "--out", str(out), "--no-progress"]
+               "--seeds", a.add_seeds or a.seeds, "--no-progress"]
+        if a.add_seeds:
+            if not record_file.exists():
+                sys.exit(f"--add-seeds: {m} has no record {record_file.name} to extend; run it with --seeds first")
+            out = out.with_name(out.name + "-more-seeds")
+            cmd += same_recipe_flags(record_file)
+        cmd += ["--out", str(out)]
         if a.lr_grid:
             cmd += ["--lr-grid", ",".join(f"{float(x) * default_lr(m, task):g}" for x in a.lr_grid.split(","))]
         print("$", " ".join(cmd[1:]), flush=True)
@@ -109,6 +113,19 @@ def main():
             extend_record(record_file, out / "results.json")
         else:
             shutil.copy(out / "results.json", record_file)
+
+
+def same_recipe_flags(record_file: Path) -> list[str]:
+    """The settings a record's seeds trained with beyond the task's flags: the learning rate (a grid's pick) and
+    the validation carve-out (every seed of a grid trains without the held-out share)."""
+    [record] = json.loads(record_file.read_text())["records"]
+    settings, flags = record["settings"], []
+    lr = record.get("lr_selected") or settings.get("lr")
+    if lr:
+        flags += ["--lr", f"{lr:g}"]
+    if settings.get("val_fraction"):
+        flags += ["--val-fraction", f"{settings['val_fraction']:g}"]
+    return flags
 
 
 def extend_record(record_file: Path, more_file: Path) -> None:

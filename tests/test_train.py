@@ -44,6 +44,24 @@ def test_memory_step_of_a_trunk_cached_method_gets_example_ids(tmp_path):
     assert m["accuracy"] is not None
 
 
+def test_memory_step_steps_the_batch_it_is_given(tmp_path):
+    # A benchmark's own batch (real text of an exact shape) replaces the padded training examples; the step then
+    # trains on it: the loss is finite and the trained weights move.
+    from memtune.memory.measure import training_step
+    from memtune.train import memory_step
+
+    ids = torch.arange(2 * 16).view(2, 16) % 50 + 5
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    model, stepped, optimizer, autocast = memory_step(
+        tiny_args(tmp_path, model="tiny-llama", objective="causal-lm", max_length=16), batch)
+    assert stepped["input_ids"].shape == (2, 16) and torch.equal(stepped["example_id"], torch.arange(2))
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    loss = training_step(model, stepped, optimizer, autocast)
+    assert torch.isfinite(loss)
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_same_seed_same_weights(tmp_path):
     from safetensors.torch import load_file
 

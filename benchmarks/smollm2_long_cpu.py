@@ -1,0 +1,146 @@
+"""QST against QLoRA + checkpointing on SmolLM2-135M at the issue's long shape, measured on this CPU.
+
+    python benchmarks/smollm2_long_cpu.py                  # writes benchmarks/smollm2_long_cpu.json
+    python benchmarks/smollm2_long_cpu.py --steps 2 --rows qlora_gc,qst_lean
+
+Workload (memtune issue #20): causal LM, batch 8 × 1024, bf16 autocast, AdamW, 4-bit NF4 frozen base
+(bitsandbytes' CPU backend), PyTorch's fused attention (as SmolLM2 loads), the chunked loss in every row (none
+keeps the 8 × 1024 × 49,152 vocabulary logits). The batch is real text: the Rotten Tomatoes training snippets
+joined and cut into 8 rows of exactly 1,024 tokens, every token real and a target. Each row runs in its own
+process (a fresh heap):
+
+- peak: the live-bytes tracker over one step after two warm-up steps (`memtune train --measure-memory`'s);
+- step time: CPU time of that process with one torch thread (`real_step.step_clock`; other jobs on the shared
+  cores do not count), the fastest of `--steps` steps after the warm-up;
+- the row's planned peak and time (`memtune plan --device cpu --precision bf16-amp --attn sdpa`, the calibrated
+  CPU profile) beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "smollm2_long_cpu.json"
+SHAPE = {"batch": 8, "length": 1024}     # the issue's; --batch-size / --max-length for a quick check
+ROWS = {  # label → method spec
+    "qlora_gc": "lora+nf4+gc+chunked_ce",
+    "qst": "qst+nf4+chunked_ce",
+    "qst_lean": "qst:side_checkpointing=true:downsample=avgpool+nf4+chunked_ce",
+}
+PEER = "qlora_gc"
+
+
+def text_batch(tokenizer) -> dict[str, torch.Tensor]:
+    """B rows of exactly T real tokens of Rotten Tomatoes text (no padding); labels = inputs."""
+    from memtune.data import load_task
+
+    B, T = SHAPE["batch"], SHAPE["length"]
+    ids: list[int] = []
+    for example in load_task("rotten-tomatoes").train:
+        ids += tokenizer(example["text"] + "\n")["input_ids"]
+        if len(ids) >= B * T:
+            break
+    input_ids = torch.tensor(ids[:B * T]).view(B, T)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def train_args(spec: str):
+    """The spec as `memtune train` settings (its options and technique flags) at the workload's shape."""
+    from memtune.spec import parse_specs
+    from memtune.techniques import MemoryTechniques
+    from memtune.train import TrainArgs
+
+    parsed = parse_specs([spec])[0]
+    t = MemoryTechniques.from_names(parsed.techniques)
+    return TrainArgs(model="smollm2-135m", task="rotten-tomatoes", objective="causal-lm", method=parsed.method,
+                     options=dict(parsed.options), precision="bf16", batch_size=SHAPE["batch"],
+                     max_length=SHAPE["length"],
+                     gradient_checkpointing=t.gradient_checkpointing, quantize=t.quantize,
+                     offload_activations=t.offload_activations, chunked_ce=t.chunked_ce)
+
+
+def measure_row(spec: str, steps: int) -> dict:
+    """One row in this process: the fastest step's CPU time and the tracked peak of one step."""
+    from memtune.memory.measure import measure_training_memory, training_step
+    from memtune.memory.real_step import step_times
+    from memtune.models import load_model
+    from memtune.train import memory_step
+
+    torch.set_num_threads(1)
+    args = train_args(spec)
+    batch = text_batch(load_model(args.model).preprocessor)
+    model, batch, optimizer, autocast = memory_step(args, batch)
+    times = step_times(lambda: training_step(model, batch, optimizer, autocast), warmup=2, steps=steps)
+    memory = measure_training_memory(model, batch, optimizer, warmup=0, steps=1, autocast=autocast)
+    return {"step_time_s": min(times), "step_times_s": times, "peak_bytes": memory.peak_bytes,
+            "memory": memory.to_dict(), "trainable_params": sum(p.numel() for p in model.parameters()
+                                                                 if p.requires_grad)}
+
+
+def planned(spec: str) -> dict:
+    from memtune.memory.plan import plan
+    from memtune.memory.plan_types import PlanSettings
+
+    settings = PlanSettings(model="smollm2-135m", batch_size=SHAPE["batch"], max_length=SHAPE["length"],
+                            precision="bf16-amp", device="cpu", layers=2,     # fp32 weights + autocast, as train
+                            attn="sdpa")                       # as `load_model` gives SmolLM2 (a fused kernel)
+    m = plan(settings, [spec]).methods[0]
+    return {"status": m.status, "message": m.message, "peak_bytes": m.peak_bytes, "step_time_s": m.step_time_s}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--batch-size", type=int, default=SHAPE["batch"])
+    ap.add_argument("--max-length", type=int, default=SHAPE["length"])
+    ap.add_argument("--measure-row", metavar="SPEC", help=argparse.SUPPRESS)
+    ns = ap.parse_args(argv)
+    SHAPE.update(batch=ns.batch_size, length=ns.max_length)
+    if ns.measure_row:
+        print(json.dumps(measure_row(ns.measure_row, ns.steps)))
+        return 0
+    unknown = [r for r in ns.rows.split(",") if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {', '.join(unknown)}; rows are {', '.join(ROWS)}")
+    rows = {}
+    for label in ns.rows.split(","):
+        spec = ROWS[label]
+        print(f"{label}: {spec}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--steps", str(ns.steps), "--batch-size", str(ns.batch_size),
+                               "--max-length", str(ns.max_length), "--measure-row", spec],
+                              capture_output=True, text=True)
+        row = {"spec": spec, "plan": planned(spec)}
+        if proc.returncode != 0:
+            row["error"] = proc.stderr.strip().splitlines()[-1:]
+        else:
+            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows[label] = row
+    peer = rows.get(PEER, {})
+    for row in rows.values():
+        if "peak_bytes" in row and "peak_bytes" in peer:
+            row["peak_vs_peer"] = row["peak_bytes"] / peer["peak_bytes"]
+            row["time_vs_peer"] = row["step_time_s"] / peer["step_time_s"]
+    import transformers
+
+    report = {"workload": {"model": "smollm2-135m", "batch_size": ns.batch_size, "max_length": ns.max_length,
+                           "precision": "bf16", "attn": "sdpa", "quantize": "nf4", "optimizer": "adamw",
+                           "torch_threads": 1, "device": "cpu"},
+              "timing": f"CPU time of one thread, fastest of {ns.steps} steps after 2 warm-up steps; one process "
+                        "per row", "peer": PEER, "rows": rows,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    Path(ns.out).write_text(json.dumps(report, indent=1) + "\n")
+    for label, row in rows.items():
+        print(label, {k: row.get(k) for k in ("step_time_s", "peak_bytes", "peak_vs_peer", "time_vs_peer", "error")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,7 +72,7 @@ def main():
     ap.add_argument("--methods", default=None, help="comma list (default: the task's list)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--add-seeds", default=None,
-                    help="seeds to add to each method's existing record (comma list), e.g. 1,2")
+                    help="seeds to add to each method's existing record: a comma list (1,2) or one seed (1)")
     ap.add_argument("--lr-grid", default=None, help="multiples of each method's default lr, e.g. 0.3,1,3")
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: record the finished seeds of methods whose compare was interrupted")
@@ -97,7 +97,7 @@ def main():
             continue
         record_file = dest / f"{record_name(m)}.json"
         cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m, task),
-               "--seeds", a.add_seeds or a.seeds, "--no-progress"]
+               "--no-progress", *seed_flags(a.add_seeds or a.seeds, count_allowed=not a.add_seeds)]
         if a.add_seeds:
             if not record_file.exists():
                 sys.exit(f"--add-seeds: {m} has no record {record_file.name} to extend; run it with --seeds first")
@@ -113,6 +113,14 @@ def main():
             extend_record(record_file, out / "results.json")
         else:
             shutil.copy(out / "results.json", record_file)
+
+
+def seed_flags(seeds: str, count_allowed: bool) -> list[str]:
+    """compare's seed flags: '0,1,2' as given; one number is a count for --seeds, a seed for --add-seeds
+    ('2' → --seeds 1 --seed 2)."""
+    if "," in seeds or count_allowed:
+        return ["--seeds", seeds]
+    return ["--seeds", "1", "--seed", seeds.strip()]
 
 
 def same_recipe_flags(record_file: Path) -> list[str]:

@@ -10,7 +10,10 @@ as soon as it finishes, so an interrupted benchmark keeps what it measured; `--c
 interrupted method did finish (their metrics.json) into its record, marked `partial`. `--lr-grid` adds a learning-rate
 grid per method (multiples of the method's default learning rate, chosen on a validation split carved from the
 training data, see memtune.sweep). `--add-seeds 3,4` runs further seeds of methods that have a record and joins
-them into it (memtune.sweep.merge_seed_runs). `python benchmarks/make_results.py` tabulates the finished methods.
+them into it (memtune.sweep.merge_seed_runs). `--epochs 10 --select-best` trains longer and tests the epoch with the
+best validation score (the LST / SHERL / QST recipes: memtune train --select-best, on a 10 % carve-out); such a
+record is named after its recipe (lst_ep-10_best.json). `python benchmarks/make_results.py` tabulates the finished
+methods.
 
 Side methods replay the frozen trunk from epoch 2 on (`cache_trunk=true`); LST and SHERL then run the trunk in
 eval mode (`trunk_dropout=false`; so does QST), which the cache needs on a backbone with dropout.
@@ -74,6 +77,9 @@ def main():
     ap.add_argument("--add-seeds", default=None,
                     help="seeds to add to each method's existing record: a comma list (1,2) or one seed (1)")
     ap.add_argument("--lr-grid", default=None, help="multiples of each method's default lr, e.g. 0.3,1,3")
+    ap.add_argument("--epochs", type=float, default=None, help="epochs of every run (default: the task's)")
+    ap.add_argument("--select-best", action="store_true",
+                    help="hold out 10 %% of the training data and test each run's best validation epoch")
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: record the finished seeds of methods whose compare was interrupted")
     a = ap.parse_args()
@@ -83,20 +89,22 @@ def main():
     if name is None:
         ap.error(f"--task: {a.task!r} is not one of {', '.join(TASKS)}")
     task = TASKS[name]
+    recipe = recipe_flags(a.epochs, a.select_best)
     dest = HERE / "convergence" / name
     dest.mkdir(parents=True, exist_ok=True)
     from memtune.spec import split_specs
 
     for m in (split_specs(a.methods) if a.methods else task["methods"]):
-        out = Path("runs/convergence") / name / record_name(m)
+        stem = record_name(m) + recipe_suffix(a.epochs, a.select_best)
+        out = Path("runs/convergence") / name / stem
+        record_file = dest / f"{stem}.json"
         if a.collect:
             record = partial_record(out, method_spec(m, task))
             if record and not (out / "results.json").exists():
-                (dest / f"{record_name(m)}.json").write_text(json.dumps({"records": [record]}, indent=1) + "\n")
+                record_file.write_text(json.dumps({"records": [record]}, indent=1) + "\n")
                 print(f"{m}: seeds {record['seeds']} of an interrupted run", flush=True)
             continue
-        record_file = dest / f"{record_name(m)}.json"
-        cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], "--methods", method_spec(m, task),
+        cmd = [sys.executable, "-m", "memtune", "compare", *task["flags"], *recipe, "--methods", method_spec(m, task),
                "--no-progress", *seed_flags(a.add_seeds or a.seeds, count_allowed=not a.add_seeds)]
         if a.add_seeds:
             if not record_file.exists():
@@ -113,6 +121,17 @@ def main():
             extend_record(record_file, out / "results.json")
         else:
             shutil.copy(out / "results.json", record_file)
+
+
+def recipe_flags(epochs: float | None, select_best: bool) -> list[str]:
+    """compare flags of a recipe beyond the task's (they come after the task's flags, so they win)."""
+    flags = ["--epochs", f"{epochs:g}"] if epochs else []
+    return flags + (["--val-fraction", "0.1", "--select-best"] if select_best else [])
+
+
+def recipe_suffix(epochs: float | None, select_best: bool) -> str:
+    """The record name's recipe part: '_ep-10_best' for --epochs 10 --select-best, '' for the task's recipe."""
+    return (f"_ep-{epochs:g}" if epochs else "") + ("_best" if select_best else "")
 
 
 def seed_flags(seeds: str, count_allowed: bool) -> list[str]:
@@ -133,7 +152,9 @@ def same_recipe_flags(record_file: Path) -> list[str]:
         flags += ["--lr", f"{lr:g}"]
     if settings.get("val_fraction"):
         flags += ["--val-fraction", f"{settings['val_fraction']:g}"]
-    return flags
+    if settings.get("select_best"):
+        flags += ["--select-best"]
+    return flags + ["--epochs", f"{settings['epochs']:g}"]
 
 
 def extend_record(record_file: Path, more_file: Path) -> None:

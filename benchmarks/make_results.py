@@ -298,13 +298,22 @@ def grid_note(r: dict) -> str:
     return f" (lr grid: {tried} → {r['lr_selected']:g})"
 
 
+def recipe_note(r: dict) -> str:
+    """How a convergence record's recipe departs from its task's: longer training with the best validation epoch
+    tested (' (10 epochs, best validation epoch)'), then its learning-rate grid (`grid_note`)."""
+    s, note = r["settings"], ""
+    if s.get("select_best"):
+        note = f" ({s['epochs']:g} epochs, best validation epoch)"
+    return note + grid_note(r)
+
+
 def recipe_name(r: dict) -> str:
     """A convergence record's short name: its label without how it fed the frozen trunk, with its techniques
     and learning-rate grid ('lst:cache_trunk=true:trunk_dropout=false:cache_dtype=bf16:r=4' → 'lst:r=4')."""
     spec, *techniques = r["label"].split("+")
     method, *options = spec.split(":")
     kept = [o for o in options if not feeds_trunk(o.split("=")[0])]
-    return ":".join([method, *kept]) + "".join("+" + t for t in techniques) + grid_note(r)
+    return ":".join([method, *kept]) + "".join("+" + t for t in techniques) + recipe_note(r)
 
 
 def convergence_targets(add) -> None:
@@ -536,7 +545,7 @@ def convergence_section() -> str:
             gap = f"{(r['accuracy_mean'] - full['accuracy_mean']) * 100:+.1f} pt" if full else "–"
             peak = f"{r['peak_bytes'] / GIB:.3f} ({ratio(r['peak_bytes'], gc['peak_bytes']) if gc else '–'}×)"
             seeds = ", ".join(f"{a:.3f}" for a in r["accuracy_per_seed"])
-            label = r["label"] + grid_note(r) + (f" ({len(r['seeds'])} seeds: interrupted)" if r.get("partial") else "")
+            label = r["label"] + recipe_note(r) + (f" ({len(r['seeds'])} seeds: interrupted)" if r.get("partial") else "")
             out.append(f"| {label} | {seeds} | {r['accuracy_mean']:.3f}{ci} | {gap} | {peak} | {r['steps']} | {r['wall_time_s']:.0f} |")
         out.append("")
     return "\n".join(out)
@@ -546,7 +555,7 @@ def _recipe(r: dict) -> tuple:
     """What a run trained, without how it fed the frozen trunk: the trunk cache (and the eval-mode trunk it
     needs) changes the time of epochs 2+, not the method; a README row and a convergence row compare on this."""
     options = {k: v for k, v in (r.get("config") or {}).items() if not feeds_trunk(k)}
-    return r["method"], tuple(r.get("techniques") or ()), json.dumps(options, sort_keys=True), grid_note(r)
+    return r["method"], tuple(r.get("techniques") or ()), json.dumps(options, sort_keys=True), recipe_note(r)
 
 
 def convergence_by_recipe(task: str) -> dict:

@@ -219,10 +219,10 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(tmp_path, csv_task, sm
     seen = {}
     real = memtune.train.save_training_checkpoint
 
-    def spy(out_dir, model, optimizer, scheduler, progress):      # record step 2 as it was before step 4 began
+    def spy(out_dir, model, optimizer, scheduler, progress, **kw):  # record step 2 as it was before step 4 began
         if progress["step"] == 4:
             seen["before"] = tree_digest(out / "checkpoints" / "step-0000002")
-        return real(out_dir, model, optimizer, scheduler, progress)
+        return real(out_dir, model, optimizer, scheduler, progress, **kw)
 
     monkeypatch.setattr(memtune.train, "save_training_checkpoint", spy)
     capsys.readouterr()

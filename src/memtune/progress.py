@@ -95,6 +95,15 @@ class Progress:
         self.last_print, self.printed_n = now, self.n
         self.lines += 1
 
+    def write(self, line: str) -> None:
+        """A message between progress updates (above the bar on a terminal, its own line in a log)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
     def close(self) -> None:
         """Close the bar; in a log, print the final state unless the last line already showed it."""
         if not self.enabled:

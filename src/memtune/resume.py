@@ -6,6 +6,7 @@
         rng.safetensors                                    torch CPU (and CUDA) generator states
         trainer_state.json                                 step, epoch, batch position, scheduler,
                                                            optimizer param groups and scalars
+        selected.safetensors                               --select-best: the best epoch's trainable weights
     OUT/checkpoints/latest                                 name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place; only
@@ -28,6 +29,7 @@ from .checkpoint import (CheckpointError, check_compatible, load_weights, read_a
                          tensor_bytes)
 
 KEEP = 2
+SELECTED_NAME = "selected.safetensors"
 
 
 def _flatten_optimizer(state_dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -52,8 +54,10 @@ def _unflatten_optimizer(tensors, meta) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_training_checkpoint(out_dir, model, optimizer, scheduler, progress: dict) -> Path:
-    """Write checkpoint `step-<step>` atomically and point `latest` at it. Returns its folder.
+def save_training_checkpoint(out_dir, model, optimizer, scheduler, progress: dict,
+                             selected: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step-<step>` atomically and point `latest` at it. Returns its folder. `selected`: the
+    trainable tensors of the best epoch so far (`memtune.selection`), kept with the checkpoint.
 
     On any failure (a full disk included: safetensors reports it as its own SafetensorError) the temporary
     folder is removed and the previous checkpoint and `latest` are left as they were."""
@@ -68,8 +72,11 @@ def save_training_checkpoint(out_dir, model, optimizer, scheduler, progress: dic
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda.{i}"] = s
     needed = tensor_bytes(dict(model.trainable_named_parameters())) + tensor_bytes(opt_tensors) + tensor_bytes(rng)
+    needed += tensor_bytes(selected or {})
     try:
         save_adapter(model, tmp)
+        if selected is not None:
+            save_file(selected, str(tmp / SELECTED_NAME))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         state = {"progress": progress, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
@@ -157,6 +164,14 @@ def _read(path: Path, reader):
     except (OSError, ValueError, SafetensorError) as e:       # JSONDecodeError, UnicodeDecodeError: ValueError
         raise CheckpointError(f"{path}: missing, unreadable or truncated ({e}); resume from an earlier "
                               "checkpoint folder (checkpoints/step-*) or start again") from None
+
+
+def read_selected(path) -> dict[str, torch.Tensor] | None:
+    """The best epoch's tensors the newest checkpoint under `path` holds (None if it holds none)."""
+    ckpt = latest_checkpoint(path)
+    if ckpt is None or not (ckpt / SELECTED_NAME).exists():
+        return None
+    return _read(ckpt / SELECTED_NAME, lambda f: load_file(str(f)))
 
 
 def load_training_checkpoint(path, model, optimizer, scheduler) -> dict:

@@ -94,7 +94,7 @@ def aggregate(records: list[dict], seeds: list[int]) -> dict:
     """One record for a spec from its per-seed records: the first seed's record (memory, settings), plus
     `seeds`, `accuracy_per_seed`, `accuracy_mean` (also in `accuracy`), `accuracy_ci95` and the median step
     time over seeds (likewise for val_accuracy, perplexity and the task's metrics with their val_ forms where the
-    records have them)."""
+    records have them, and for the epoch --select-best tested)."""
     ok = [r for r in records if "error" not in r]
     if not ok:
         return records[0]
@@ -107,6 +107,11 @@ def aggregate(records: list[dict], seeds: list[int]) -> dict:
             out[f"{metric}_per_seed"] = values
             out[f"{metric}_mean"] = out[metric] = statistics.fmean(values)    # `accuracy`: the mean too
             out[f"{metric}_ci95"] = ci95_half_width(values)
+    picks = [(r.get("selection") or {}).get("best_epoch") for r in ok]
+    if all(p is not None for p in picks):             # --select-best: the epoch each seed tested
+        out["best_epoch_per_seed"] = picks
+        out["best_epoch_mean"] = out["best_epoch"] = statistics.fmean(picks)
+        out["best_epoch_ci95"] = ci95_half_width(picks)
     times = [r["step_time_s"] for r in ok if r.get("step_time_s")]
     if times:
         out["step_time_s"] = statistics.median(times)

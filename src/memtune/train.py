@@ -30,9 +30,11 @@ from .models import load_model
 from .evaluation import evaluate
 from .preflight import check_task_modality
 from .progress import Progress
-from .resume import finished_run_metrics, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from .resume import (finished_run_metrics, latest_checkpoint, load_training_checkpoint, read_selected,
+                     save_training_checkpoint)
 from .run_folder import RunFolder, check_run_folder, main_rank
 from .run_info import git_commit, machine, versions
+from .selection import BestEpoch
 from .seq2seq import label_words_for, model_label_targets
 from .techniques.quantize import QUANTIZE_KINDS
 
@@ -113,6 +115,9 @@ class TrainArgs:
         "help": "replace the run already in --out (its checkpoints, adapter and metrics are removed)"})
     val_fraction: float = field(default=0.0, metadata={
         "help": "hold out this share of the training data as a validation split (reported as val_*)"})
+    select_best: bool = field(default=False, metadata={
+        "help": "evaluate the validation split after every epoch and test the best epoch's weights (the LST, "
+                "SHERL and QST recipes); needs --val-fraction"})
 
     def techniques(self):
         from .techniques import MemoryTechniques
@@ -133,6 +138,8 @@ class TrainArgs:
         need(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}")
         need(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        need(not self.select_best or self.val_fraction > 0,
+             "--select-best picks an epoch on the validation split: give --val-fraction too (e.g. 0.1)")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
@@ -379,6 +386,7 @@ def _train(args: TrainArgs, folder: RunFolder) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    selector = BestEpoch(task.main_metric if task_metric_fields(task, model) else None)
     if args.resume:
         # A finished run is checked against this model (method, classes, intact files) before it is reported.
         finished = finished_run_metrics(args.resume, total_steps, model)
@@ -387,6 +395,8 @@ def _train(args: TrainArgs, folder: RunFolder) -> dict:
         progress = load_training_checkpoint(args.resume, model, optimizer, scheduler)
         if finished is not None:
             return finished
+        if args.select_best:
+            selector.load(progress.get("selection"), read_selected(args.resume))
         accelerator.print(f"memtune: resumed from {latest_checkpoint(args.resume)} at step {progress['step']}")
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
@@ -399,6 +409,17 @@ def _train(args: TrainArgs, folder: RunFolder) -> dict:
                           progress=args.progress and accelerator.is_main_process)
     bar = Progress(total_steps, args.method, enabled=args.progress and accelerator.is_main_process,
                    initial=progress["step"], items_per_update=args.batch_size * accelerator.num_processes)
+
+    def select(epoch: float) -> None:
+        """--select-best: score the validation split now and keep the weights if they are the best yet."""
+        val = evaluate(unwrapped, task.validation, collate, args.eval_batch_size, accelerator.device,
+                       progress=args.progress and accelerator.is_main_process)
+        best = selector.offer(unwrapped, val, epoch, progress["step"])
+        score = selector.history[-1]
+        bar.write(f"memtune: epoch {epoch:.3g}: validation {score['metric']} {score['value']:.4f}"
+                  + (" (best so far)" if best else ""))
+        progress["selection"] = selector.state()
+
     model.train()
     while progress["step"] < total_steps:
         # The prepared loader sets its sampler's epoch from its own iteration counter: tell it the real one.
@@ -431,12 +452,19 @@ def _train(args: TrainArgs, folder: RunFolder) -> dict:
             if args.checkpoint_every and progress["step"] % args.checkpoint_every == 0:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    save_training_checkpoint(out, unwrapped, optimizer, scheduler, dict(progress))
+                    save_training_checkpoint(out, unwrapped, optimizer, scheduler, dict(progress),
+                                             selected=selector.tensors if args.select_best else None)
             if progress["step"] >= total_steps:
                 break
         else:
             progress["epoch"] += 1
             progress["batch_in_epoch"] = 0
+            if args.select_best:
+                select(progress["epoch"])
+    if args.select_best:        # the last weights compete too (a run that ends mid-epoch, or at the last epoch)
+        if not selector.history or selector.history[-1]["step"] != progress["step"]:
+            select(progress["step"] / steps_per_epoch)
+        selector.restore(unwrapped)
     bar.close()
 
     results = evaluate(unwrapped, task.test, collate, args.eval_batch_size, accelerator.device,
@@ -455,6 +483,7 @@ def _train(args: TrainArgs, folder: RunFolder) -> dict:
         **results,
         **task_metric_fields(task, unwrapped),
         **({"before": before} if before else {}),
+        **({"selection": selector.summary()} if args.select_best else {}),
         "train_examples": len(task.train), "test_examples": len(task.test),
         "settings": {k: v for k, v in asdict(args).items() if k not in ("progress", "overwrite")},
         "config": unwrapped.method_config.to_dict(),

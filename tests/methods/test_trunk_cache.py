@@ -50,7 +50,8 @@ def run(method, name, epochs, **opts):
 
 CASES = [("lst", "tiny-bert", {"trunk_dropout": False}), ("lst", "tiny-vit", {}), ("lst", "tiny-llama", {}),
          ("sherl", "tiny-bert", {"trunk_dropout": False}), ("sherl", "tiny-vit", {}),
-         ("dtl", "tiny-bert", {}), ("dtl", "tiny-vit", {})]
+         ("dtl", "tiny-bert", {}), ("dtl", "tiny-vit", {}),
+         ("linear", "tiny-bert", {"trunk_dropout": False}), ("linear", "tiny-vit", {})]
 GROUPS = [[0, 1, 2], [3, 4, 5]]
 
 
@@ -74,7 +75,7 @@ def test_reshuffled_batches_replay_within_fp32_rounding():
     an amplification ≤ 100 through the side path and 2 AdamW steps, the loss moves ≤ 2.4e-5 relative:
     the test asserts rtol 1e-4 (on this CPU's kernels the losses come out identical) and an exact epoch 1."""
     epochs = [epoch_batches("tiny-bert", GROUPS), epoch_batches("tiny-bert", [[0, 4, 2], [3, 1, 5]])]
-    for method in ("lst", "sherl", "dtl"):
+    for method in ("lst", "sherl", "dtl", "linear"):
         opts = {} if method == "dtl" else {"trunk_dropout": False}
         plain, _, _ = run(method, "tiny-bert", epochs, **opts)
         cached, calls, m = run(method, "tiny-bert", epochs, cache_trunk=True, **opts)
@@ -102,6 +103,8 @@ def test_flipped_image_under_the_same_id_is_recomputed_not_replayed():
 
 
 def test_trunk_dropout_is_refused_and_t5_is_refused():
+    with pytest.raises(ConfigError, match="linear: cache_trunk needs a deterministic frozen trunk"):
+        _wrap("linear", "tiny-bert", cache_trunk=True)
     for method in ("lst", "sherl"):
         with pytest.raises(ConfigError, match="cache_trunk needs a deterministic frozen trunk, but its dropout"):
             _wrap(method, "tiny-bert", cache_trunk=True)          # tiny-bert: dropout 0.1, trunk_dropout=true
@@ -176,3 +179,18 @@ def test_memory_report_counts_the_host_cache():
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     report = measure_training_memory(m, batch, opt, warmup=1, steps=1)
     assert report.host_cache_bytes == m.cache_bytes == 2 * 17 * 4 * 64 * 4   # 2 images × 17 tokens × 4 blocks
+
+
+def test_a_cached_probe_stores_one_feature_row_per_example_and_matches_the_eval_mode_backbone():
+    # The probe's cache holds the pooled features (feature_size values per example, whatever the text's
+    # length), and trunk_dropout=false runs the backbone as in evaluation: training and eval logits agree.
+    m = _wrap("linear", "tiny-bert", cache_trunk=True, trunk_dropout=False).train()
+    batch = text_batch([0, 1, 2], [LENGTHS[e] for e in (0, 1, 2)])
+    first = m(**batch).logits
+    assert m.trunk_cache.row_shape == (1, m.feature_size) and m.trunk_cache.rows_used == 3
+    replayed = m(**batch).logits
+    assert m.trunk_cache.hits == 1 and torch.equal(replayed, first)
+    assert m.backbone.training                        # eval mode only inside the probe's forward
+    with torch.no_grad():
+        evaluated = m.eval()(**{k: v for k, v in batch.items() if k != "example_id"}).logits
+    torch.testing.assert_close(evaluated, first, rtol=0, atol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..base import ConfigError, MemtuneModel
+from ..common.trunk_cache import cached_features, check_trunk_deterministic, trunk_eval_mode
 
 
 class BackboneFeatures(MemtuneModel):
@@ -27,17 +28,24 @@ class FullModel(BackboneFeatures):
 
 
 class LinearProbeModel(BackboneFeatures):
-    """Frozen backbone run without an autograd graph; only the head trains (the memory floor)."""
+    """Frozen backbone run without an autograd graph; only the head trains (the memory floor). With cache_trunk
+    the pooled features (B×feature_size) of each training example are replayed after its first epoch."""
 
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
         if self.per_token:
             raise ConfigError(f"linear: a linear probe has nothing to train on a {self.objective} objective "
                               "(the LM head is frozen); use it with num_labels (classification)")
+        if config.cache_trunk:
+            check_trunk_deterministic("linear", [backbone], config.trunk_dropout)
+        self.trunk_cache = config.make_trunk_cache()
 
     def features(self, batch):
-        with torch.no_grad():
-            return super().features(batch)
+        bb = self.backbone
+        cache = self.trunk_cache if self.training else None
+        with torch.no_grad(), trunk_eval_mode(bb, not self.method_config.trunk_dropout):
+            return cached_features(cache, batch, batch.get("attention_mask"), bb.input_keys,
+                                   lambda: BackboneFeatures.features(self, batch), self.head.weight)
 
 
 class BitFitModel(BackboneFeatures):

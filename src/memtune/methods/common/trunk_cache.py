@@ -281,7 +281,38 @@ class TrunkCache:
                 f"{self.hits} batch hits, {self.mismatches} changed inputs)")
 
 
-# -- the call a model makes -------------------------------------------------------------------------------------
+# -- the calls a model makes ------------------------------------------------------------------------------------
+def example_ids(batch: dict, rows: int) -> list[int]:
+    """batch["example_id"] as a list of `rows` ints; a clear error where the loader gave none."""
+    if batch.get("example_id") is None:
+        raise TrunkCacheError(
+            "cache_trunk=True needs batch['example_id']: an integer tensor (B,) naming each example "
+            "stably across epochs (e.g. its dataset index); the training data loader must supply it")
+    ids = [int(i) for i in batch["example_id"].reshape(-1).tolist()]
+    if len(ids) != rows:
+        raise TrunkCacheError(f"batch['example_id'] has {len(ids)} ids for a batch of {rows}")
+    return ids
+
+
+def cached_features(cache: TrunkCache | None, batch: dict, mask: torch.Tensor | None, input_keys: tuple[str, ...],
+                    compute, like: torch.Tensor) -> torch.Tensor:
+    """One frozen output per example (a linear probe's pooled features, B×F), replayed as `cached_trunk` replays
+    taps: stored as a single row per example and verified against the checksum of its real input tokens (mask:
+    B×T or None), so a text replays into a batch of any padded length. Replays come back on `like`'s device and
+    in its dtype (the head's weight); compute() -> B×F."""
+    if cache is None or like.device.type == "meta":          # meta (memory planning): no values to cache
+        return compute()
+    sums = input_checksums(batch, input_keys, mask)
+    ids = example_ids(batch, len(sums))
+    ones = [1] * len(ids)
+    rows = cache.fetch(ids, sums, ones)                     # B×1×F
+    if rows is not None:
+        return rows[:, 0].to(like.device, like.dtype)
+    feats = compute()
+    cache.store(ids, sums, feats.unsqueeze(1), ones)
+    return cache.round_trip(feats)                          # every epoch sees the stored precision
+
+
 def cached_trunk(cache: TrunkCache | None, batch: dict, mask: torch.Tensor | None, input_keys: tuple[str, ...],
                  compute, ref: torch.Tensor) -> list[torch.Tensor]:
     """Taps of the frozen trunk for `batch`: replayed from `cache` when possible, else `compute()`.
@@ -292,13 +323,7 @@ def cached_trunk(cache: TrunkCache | None, batch: dict, mask: torch.Tensor | Non
     """
     if cache is None or ref.device.type == "meta":           # meta (memory planning): no values to cache
         return compute()
-    if batch.get("example_id") is None:
-        raise TrunkCacheError(
-            "cache_trunk=True needs batch['example_id']: an integer tensor (B,) naming each example "
-            "stably across epochs (e.g. its dataset index); the training data loader must supply it")
-    ids = [int(i) for i in batch["example_id"].reshape(-1).tolist()]
-    if len(ids) != ref.shape[0]:
-        raise TrunkCacheError(f"batch['example_id'] has {len(ids)} ids for a batch of {ref.shape[0]}")
+    ids = example_ids(batch, ref.shape[0])
     real = (torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device) if mask is None
             else mask.to(ref.device).bool())                                       # B×T
     lengths = real.sum(1).tolist()

@@ -15,8 +15,8 @@ best validation score (the LST / SHERL / QST recipes: memtune train --select-bes
 record is named after its recipe (lst_ep-10_best.json). `python benchmarks/make_results.py` tabulates the finished
 methods.
 
-Side methods replay the frozen trunk from epoch 2 on (`cache_trunk=true`); LST and SHERL then run the trunk in
-eval mode (`trunk_dropout=false`; so does QST), which the cache needs on a backbone with dropout.
+Side methods and the linear probe replay the frozen trunk from epoch 2 on (`cache_trunk=true`); LST, SHERL, QST and the
+probe then run the trunk in eval mode (`trunk_dropout=false`), which the cache needs on a backbone with dropout.
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ HERE = Path(__file__).resolve().parent
 CACHED = {"lst": "lst:cache_trunk=true:trunk_dropout=false",
           "sherl": "sherl:cache_trunk=true:trunk_dropout=false",
           "qst": "qst:cache_trunk=true:trunk_dropout=false",
-          "dtl": "dtl:cache_trunk=true"}
+          "dtl": "dtl:cache_trunk=true",
+          # The probe's cache holds one pooled feature row per example (768 values on DINOv2-S): full precision.
+          "linear": "linear:cache_trunk=true:trunk_dropout=false"}
 TASKS = {
     # The full Rotten Tomatoes training split (10,174 snippets), 2 epochs at the README's batch 16 × 64,
     # scored on the whole test split (2,578); memory of one step at batch 32 × 128 as in the README table.
@@ -57,7 +59,7 @@ def method_spec(name: str, task: dict | None = None) -> str:
     base, sep, options = name.partition(":")
     if base not in CACHED:
         return name
-    extra = (task or {}).get("cache_options", "") if base != "dtl" else ""
+    extra = (task or {}).get("cache_options", "") if base not in ("dtl", "linear") else ""
     return CACHED[base] + extra + sep + options
 
 

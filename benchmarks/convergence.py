@@ -190,7 +190,9 @@ def partial_record(out: Path, label: str) -> dict | None:
             "label": label,
             "techniques": first.get("techniques", []), "settings": settings, "seeds": settings["seeds"],
             "accuracy_per_seed": accs, "accuracy_mean": sum(accs) / len(accs),
-            "accuracy_ci95": ci95_half_width(accs), "partial": True}
+            "accuracy_ci95": ci95_half_width(accs), "partial": True,
+            **({"best_epoch_per_seed": [r["selection"]["best_epoch"] for r in seeds]}
+               if all("selection" in r for r in seeds) else {})}
 
 
 def default_lr(spec: str, task: dict) -> float:

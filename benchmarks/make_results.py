@@ -545,7 +545,12 @@ def convergence_section() -> str:
             gap = f"{(r['accuracy_mean'] - full['accuracy_mean']) * 100:+.1f} pt" if full else "–"
             peak = f"{r['peak_bytes'] / GIB:.3f} ({ratio(r['peak_bytes'], gc['peak_bytes']) if gc else '–'}×)"
             seeds = ", ".join(f"{a:.3f}" for a in r["accuracy_per_seed"])
-            label = r["label"] + recipe_note(r) + (f" ({len(r['seeds'])} seeds: interrupted)" if r.get("partial") else "")
+            picks = r.get("best_epoch_per_seed")
+            label = r["label"] + recipe_note(r)
+            if picks:
+                label += f" (epochs picked: {', '.join(f'{e:g}' for e in picks)})"
+            if r.get("partial"):
+                label += f" ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''}: interrupted)"
             out.append(f"| {label} | {seeds} | {r['accuracy_mean']:.3f}{ci} | {gap} | {peak} | {r['steps']} | {r['wall_time_s']:.0f} |")
         out.append("")
     return "\n".join(out)

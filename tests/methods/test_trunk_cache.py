@@ -194,3 +194,18 @@ def test_a_cached_probe_stores_one_feature_row_per_example_and_matches_the_eval_
     with torch.no_grad():
         evaluated = m.eval()(**{k: v for k, v in batch.items() if k != "example_id"}).logits
     torch.testing.assert_close(evaluated, first, rtol=0, atol=0)
+
+
+def test_a_bf16_probe_cache_trains_on_the_rounded_features_from_the_first_epoch():
+    m = _wrap("linear", "tiny-vit", cache_trunk=True, cache_dtype="bf16").train()
+    batch = image_batch([0, 1, 2])
+    first = m(**batch).logits                           # computed, stored in bf16, returned as stored
+    assert m.trunk_cache.dtype == torch.bfloat16
+    assert torch.equal(m(**batch).logits, first) and m.trunk_cache.hits == 1
+    exact = _wrap("linear", "tiny-vit").train()(**batch).logits
+    assert not torch.equal(first, exact)                # the rounding is real, and small:
+    # each feature moves by at most bf16's unit roundoff 2⁻⁹ of itself, so logit c by ≤ 2⁻⁹·Σ_i |w_ci·f_i|
+    # (+ fp32 rounding of the sums).
+    feats = _wrap("linear", "tiny-vit").train().features(batch)                   # B×F, exact
+    bound = 2 ** -9 * (feats.abs() @ m.head.weight.abs().T) + 1e-6                 # B×C
+    assert ((first - exact).abs() <= bound).all()

@@ -453,7 +453,7 @@ def _train(args: TrainArgs, folder: RunFolder) -> dict:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_training_checkpoint(out, unwrapped, optimizer, scheduler, dict(progress),
-                                             selected=selector.tensors if args.select_best else None)
+                                             selected=selector.tensors)     # None without --select-best
             if progress["step"] >= total_steps:
                 break
         else:

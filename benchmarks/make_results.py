@@ -511,6 +511,13 @@ BUDGET = {"minilm-rotten-tomatoes": "about 15 minutes per seed for full fine-tun
 SHORT = {"minilm-rotten-tomatoes": "MiniLM + Rotten Tomatoes", "dinov2s-fashion-mnist": "DINOv2-S + Fashion-MNIST"}
 
 
+def selected_rows_note(task: str) -> str:
+    return (f" Rows marked \"(N epochs, best validation epoch)\": `python benchmarks/convergence.py --task "
+            f"{task.split('-')[0]} --methods M --epochs N --select-best` (the LST / SHERL / QST recipes: 10 % of the "
+            "training data held out, the validation split scored after every epoch and the best epoch's weights "
+            "tested; the label lists the epoch each seed picked).")
+
+
 def convergence_section() -> str:
     """Accuracy over several seeds (mean ± 95 % half-width) per method: one JSON per method from
     benchmarks/convergence.py, which may have finished only some of its methods."""
@@ -533,7 +540,8 @@ def convergence_section() -> str:
                 f"CPU thread per run, {BUDGET[task]}; methods not listed did not finish "
                 "within the session, and a row with one seed (no interval) is all the session had time for; wall "
                 "times (training and evaluation of one seed) were taken while other jobs shared the "
-                f"two cores. Interval: 95 % Student t over the seeds. Peak: one step at batch {step} (CPU tracker).", "",
+                f"two cores. Interval: 95 % Student t over the seeds. Peak: one step at batch {step} (CPU tracker)."
+                + (selected_rows_note(task) if any(r["settings"].get("select_best") for r in done) else ""), "",
                 "| method | accuracy per seed | mean ± 95 % | vs full | peak GiB (vs LoRA+gc) | steps | wall s, seed 0 |",
                 "|---|---|---|---|---|---|---|"]
         full = next((r for r in done if r["label"] == "full"), None)

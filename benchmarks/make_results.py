@@ -434,37 +434,51 @@ def smollm2_section() -> str:
     return "\n".join(out)
 
 
-def _smollm2_long() -> dict | None:
-    path = HERE / "smollm2_long_cpu.json"
-    return json.loads(path.read_text()) if path.exists() else None
+SMOLLM2_LONG = ("smollm2_long_cpu.json", "smollm2_long_cpu_fp32.json")     # bf16 autocast, fp32
+
+
+def _smollm2_long() -> list[dict]:
+    return [json.loads(p.read_text()) for p in (HERE / n for n in SMOLLM2_LONG) if p.exists()]
+
+
+def _cpu_kind(w: dict) -> str:
+    bf16 = w.get("cpu_bf16")
+    return {True: "a CPU with bf16 instructions", False: "a CPU without bf16 instructions, AVX2 only"}.get(
+        bf16, "an earlier machine's CPU, its bf16 support not recorded")
 
 
 def smollm2_long_targets(add) -> None:
-    """QST against QLoRA + checkpointing at SmolLM2 8 × 1024, measured on this CPU (both rows chunked)."""
-    data = _smollm2_long()
-    if data is None:
-        return
-    w, peer = data["workload"], data["rows"][data["peer"]]
-    for label, r in data["rows"].items():
-        if label == data["peer"] or "peak_vs_peer" not in r:
-            continue
-        p, t = r["peak_vs_peer"], r["time_vs_peer"]
-        add(f"{r['spec']} / {peer['spec']}, SmolLM2 {w['batch_size']} × {w['max_length']} bf16 (CPU tracker, CPU "
-            "time of one thread): peak, step time", f"{p:.2f}, {t:.2f}", "≤ 0.7, ≤ 0.5", p <= 0.7 and t <= 0.5)
+    """QST against QLoRA + checkpointing at SmolLM2's long shape, measured on a CPU (both rows chunked)."""
+    for data in _smollm2_long():
+        w, peer = data["workload"], data["rows"][data["peer"]]
+        for label, r in data["rows"].items():
+            if label == data["peer"] or "peak_vs_peer" not in r:
+                continue
+            p, t = r["peak_vs_peer"], r["time_vs_peer"]
+            add(f"{r['spec']} / {peer['spec']}, SmolLM2 {w['batch_size']} × {w['max_length']} {w['precision']} (CPU "
+                f"tracker, CPU time of one thread; {_cpu_kind(w)}): peak, step time", f"{p:.2f}, {t:.2f}",
+                "≤ 0.7, ≤ 0.5", p <= 0.7 and t <= 0.5)
 
 
 def smollm2_long_section() -> str:
-    data = _smollm2_long()
-    if data is None:
-        return ""
+    return "\n".join(_smollm2_long_table(data) for data in _smollm2_long())
+
+
+def _smollm2_long_table(data: dict) -> str:
     w, rows = data["workload"], data["rows"]
     peer = rows[data["peer"]]
-    out = [f"## CPU: SmolLM2-135M causal LM at {w['batch_size']} × {w['max_length']}, QST against QLoRA + checkpointing",
-           "", f"Command: `python benchmarks/smollm2_long_cpu.py`. Real text (Rotten Tomatoes snippets joined into rows "
-           f"of exactly {w['max_length']} tokens, every token a target), bf16 autocast over fp32 weights, NF4 frozen "
-           "base (bitsandbytes' CPU backend), AdamW, the chunked loss in every row. Peak: the live-bytes tracker over "
-           f"one step; time: {data['timing']}. Planned: `memtune plan --device cpu --precision bf16-amp --attn sdpa` "
-           "(SmolLM2 loads with PyTorch's fused attention) for the same rows.", "",
+    bf16 = w["precision"] == "bf16"
+    command = "python benchmarks/smollm2_long_cpu.py" + ("" if bf16 else f" --precision fp32 --batch-size "
+                                                               f"{w['batch_size']} --steps 2")
+    out = [f"## CPU: SmolLM2-135M causal LM at {w['batch_size']} × {w['max_length']} {w['precision']}, QST against "
+           "QLoRA + checkpointing", "",
+           f"Command: `{command}`, on {_cpu_kind(w)}. Real text (Rotten Tomatoes snippets joined into rows "
+           f"of exactly {w['max_length']} tokens, every token a target), "
+           + ("bf16 autocast over fp32 weights" if bf16 else "fp32 throughout (no autocast)") +
+           ", NF4 frozen base (bitsandbytes' CPU backend), AdamW, the chunked loss in every row. Peak: the live-bytes "
+           f"tracker over one step; time: {data['timing']}. Planned: `memtune plan --device cpu --precision "
+           f"{'bf16-amp' if bf16 else 'fp32'} --attn sdpa` (SmolLM2 loads with PyTorch's fused attention) for the "
+           "same rows.", "",
            "| row | trainable | peak GiB | × QLoRA+gc peak | planned peak GiB | s/step | × QLoRA+gc time | "
            "planned s/step |", "|---|---|---|---|---|---|---|---|"]
     for r in rows.values():

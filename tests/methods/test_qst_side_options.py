@@ -204,6 +204,27 @@ def test_side_heads_sets_the_side_head_count():
     with pytest.raises(ConfigError, match=r"qst.r=16 .*side width d/r=4 is not divisible by the 3 side heads"):
         wrap_tiny("tiny-bert", r=16, side_heads=3)
     with pytest.raises(ConfigError, match="qst.side_heads=2: another head count than the backbone's"):
-        make("llama-lm", side_heads=2)
+        wrap_tiny("tiny-t5", side_heads=2)
     with pytest.raises(ConfigError, match="qst.side_heads must be a positive head count"):
         config_for("qst", {"side_heads": 0})
+
+
+def test_llama_side_heads_keep_the_kv_grouping_where_they_can():
+    # tiny llama: d = 64, H = 4, KV = 2 (groups of 2); QST's default r = 4 gives d' = 16.
+    for heads, kv, head_dim in ((None, 2, 4), (2, 1, 8), (1, 1, 16)):   # H' = 1: 1·2/4 is no whole count
+        model = make("llama-lm", side_heads=heads)
+        c = model.side_config
+        assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (16, heads or 4, kv,
+                                                                                             head_dim)
+        block = model.side.blocks[0].self_attn
+        assert block.k_proj.out_features == kv * head_dim and block.q_proj.out_features == 16
+        model.train()
+        with torch.no_grad():
+            model.mix.weight.fill_(0.5)
+        model(**batch_for(model)).loss.backward()
+        assert all(p.grad is None for p in model.backbone.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.trainable_named_parameters()
+                   if n.startswith("side.blocks."))
+    with pytest.raises(ConfigError, match=r"side head width d/\(r·H\)=1 is odd"):     # d' = 32 over 32 heads
+        make("llama-lm", r=2, side_heads=32)
+

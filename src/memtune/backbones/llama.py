@@ -79,17 +79,27 @@ class LlamaLikeBackbone(SideNetworkHooks, Backbone):
 
     # -- side networks (LST, QST; see side_network.py) ---------------------------------------------------
     # Rotary positions need an even head width; grouped KV heads are kept as they are. The side blocks are
-    # causal and have their own rotary table at the side head width.
+    # causal and have their own rotary table at the side head width. Another side head count H' (QST's
+    # exact widths only: LST's head-structured pruning maps backbone heads to side heads one to one) keeps
+    # the backbone's grouping H/KV where H' allows it, else gives every side head its own KV head.
     fused_side_attention = True
     side_attention_dropout_field = "attention_dropout"
+    supports_side_heads = True
+    side_heads_when_rounded = False
 
     def side_widths(self, config, r, heads, exact):
         """d' = round(d/r), d_ff' = round(d_ff/r), head width 2·round(d_kv/(2r)) ≥ 2 (exact: d/r, ⌊d_ff/r⌋,
-        d'/H)."""
+        d'/H', H' = `heads` or H)."""
         if exact:
             d_side = config.hidden_size // r
-            return {"hidden_size": d_side, "intermediate_size": config.intermediate_size // r,
-                    "head_dim": d_side // config.num_attention_heads}
+            H, KV = config.num_attention_heads, config.num_key_value_heads
+            side_heads = heads or H
+            widths = {"hidden_size": d_side, "intermediate_size": config.intermediate_size // r,
+                      "head_dim": d_side // side_heads}
+            if side_heads != H:          # e.g. SmolLM2 (H = 9, KV = 3): H' = 3 → 1 KV head; H' = 1 → 1
+                widths["num_attention_heads"] = side_heads
+                widths["num_key_value_heads"] = side_heads * KV // H if side_heads * KV % H == 0 else side_heads
+            return widths
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return {"hidden_size": nearest_width(config.hidden_size, r),
                 "intermediate_size": nearest_width(config.intermediate_size, r),

@@ -146,6 +146,8 @@ class SideNetworkHooks:
 
     # The side blocks may take another head count than the backbone's H (`side_heads`).
     supports_side_heads: ClassVar[bool] = False
+    # ... also at LST's rounded widths (False: only at QST's exact ones, where nothing is pruned per head).
+    side_heads_when_rounded: ClassVar[bool] = True
     # The block's attention class has a fused (SDPA) path: `attention="auto"` picks it, else eager.
     fused_side_attention: ClassVar[bool] = False
     # Config fields of the hidden dropout rates, and of the attention-probability dropout (None: the family

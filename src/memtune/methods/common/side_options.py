@@ -52,12 +52,16 @@ class SideNetworkOptions:
             return self.attention_dropout
         return 0.0 if kernel == "sdpa" else eager
 
-    def check_side_heads(self, backbone) -> None:
+    def check_side_heads(self, backbone, exact: bool) -> None:
         """ConfigError when side_heads asks for another head count than the backbone's and its side blocks
-        cannot take one."""
+        cannot take one (exact: QST's exact side widths; LST's are rounded and its init prunes per head)."""
         heads = backbone.config.num_attention_heads
         if self.side_heads is not None and self.side_heads != heads:
             check(backbone.supports_side_heads,
                   f"{self.name}.side_heads={self.side_heads}: another head count than the backbone's ({heads}) is "
                   f"not supported for {backbone.config.model_type} backbones, whose side blocks keep the "
                   f"backbone's heads; leave side_heads unset (none)")
+            check(exact or backbone.side_heads_when_rounded,
+                  f"{self.name}.side_heads={self.side_heads}: on {backbone.config.model_type} backbones only QST's "
+                  f"side blocks take another head count than the backbone's ({heads}); {self.name}'s pruned "
+                  f"initialisation maps backbone heads to side heads one to one; leave side_heads unset (none)")

@@ -62,7 +62,8 @@ class LSTConfig(SideNetworkOptions, LSTFields, TrunkCacheOptions, MethodConfig):
                       attention is fused (a dropout > 0 makes PyTorch fall back to the map-storing math
                       kernel), `dropout` when eager (as the paper).
     side_heads        head count of the side blocks (None: the backbone's H, as the paper). Fewer heads
-                      for a narrow backbone give wider side heads; bert (not MPNet) and vit only.
+                      for a narrow backbone give wider side heads; bert (not MPNet) and vit only (on
+                      Llama-like decoders the pruned init maps heads one to one; QST takes side_heads there).
     tap_storage       how the ladders keep their frozen input (a backbone tap) for the weight gradient:
                       "full", "bf16" (default) or "int8" (per-token absmax scale); see
                       methods/common/compact_linear. bf16 halves the saved taps; on MiniLM + Rotten Tomatoes

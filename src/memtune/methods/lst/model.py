@@ -116,7 +116,7 @@ class LSTModel(MemtuneModel):
         return VisualSideEmbedding(backbone.visual_width, width, backbone.visual_length, factorised)
 
     def _check_options(self, backbone, config):
-        config.check_side_heads(backbone)
+        config.check_side_heads(backbone, exact=False)
         if config.cache_trunk:
             check(not backbone.is_encoder_decoder,
                   f"lst.cache_trunk is supported for single-stack backbones, not {backbone.family}")

@@ -66,7 +66,10 @@ class QSTConfig(SideNetworkOptions, QSTFields, TrunkCacheOptions, MethodConfig):
                  rate with eager attention.
     side_heads   head count of the side blocks (None: the backbone's H, as the paper). d/r must be
                  divisible by it; fewer heads give wider side heads (the paper's are d/(rH) = 8 wide at
-                 LLaMA-2-7B, and 1 wide on a 4-head d=64 model at r=16). bert (not MPNet) and vit only.
+                 LLaMA-2-7B, and 1 wide on a 4-head d=64 model at r=16). bert (not MPNet), vit and
+                 Llama-like decoders (KV heads H'·KV/H where that is whole, else H'). The side attention's
+                 score and softmax work is B·H'·T² per block whatever the head width, so at long T on a CPU
+                 the kept H costs about what the backbone's attention does (benchmarks/RESULTS.md, SmolLM2).
     tap_storage  how the downsample's first matrix (adapter/LoRA W_A, or the linear W) keeps its frozen
                  input, a backbone hidden state B×T×d, for its weight gradient: "full", "bf16" (half the
                  bytes) or "int8" (a quarter, plus a scale per token); the forward is unchanged

@@ -74,7 +74,7 @@ def drain(items: list):
 class QSTModel(MemtuneModel):
     def __init__(self, backbone, config, num_labels=None):
         super().__init__(backbone, config, num_labels)
-        config.check_side_heads(backbone)
+        config.check_side_heads(backbone, exact=True)
         self.staged = "stages" in backbone.capabilities              # per-stage side widths and side transitions
         if config.cache_trunk:
             check(not self.staged,

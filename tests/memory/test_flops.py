@@ -9,7 +9,7 @@ from torch import nn
 from memtune.cli import main as cli_main
 from memtune.memory import devices
 from memtune.memory.devices import Curve, DeviceProfile, get_profile
-from memtune.memory.flops import StepCost, counting, interpolate
+from memtune.memory.flops import BACKWARD_SCORE_PASSES, StepCost, counting, interpolate
 from memtune.memory.plan import PlanSettings, plan
 from memtune.memory.plan_step import (build_planned_model, count_planned_step, make_batch, make_optimizer,
                                       planning_context, warm_up)
@@ -105,6 +105,29 @@ def test_profile_roofline_and_launch_overlap():
     assert curve(1e4) == pytest.approx(1e10) and curve(1.0) == 1e9 and curve(1e9) == 1e11
     h100 = get_profile("h100")
     assert h100.matmul_rate("bf16", 1e12) > 10 * h100.matmul_rate("fp32", 1e12)
+
+
+def test_fused_attention_is_priced_per_score_on_a_cpu_profile():
+    # The same products (H·D = 32) over 1 head or 8: a CPU's fused kernel pays per score (scale, max, exp,
+    # sum), 8× as many with 8 heads; a GPU profile prices the products only.
+    tq = 64
+    costs = {}
+    for heads in (1, 8):
+        with torch.device("meta"):
+            q, k, v = (torch.empty(2, heads, tq, 32 // heads, requires_grad=True) for _ in range(3))
+        with counting() as counter:
+            counter.add_attention(q, k, v, causal=True)
+        costs[heads] = StepCost(tuple(counter.ops), 2)
+        scores = 2 * heads * tq * tq // 2
+        assert [op[5] for op in counter.ops] == [scores, BACKWARD_SCORE_PASSES * scores]    # forward, backward
+    assert costs[1].flops() == costs[8].flops()
+    h100 = get_profile("h100")
+    assert h100.attention_scores is None and costs[1].seconds(h100) == pytest.approx(costs[8].seconds(h100))
+    cpu = DeviceProfile("c", "test", {"fp32": Curve([(1.0, 1e12)])}, Curve([(1.0, 1e11)]), transcendental=1e10,
+                        random=1e9, launch_s=0.0, launch_overlaps=False, attention_scores={"fp32": 1e9})
+    extra_passes = (8 - 1) * (2 * tq * tq // 2) * (1 + BACKWARD_SCORE_PASSES)
+    assert costs[8].seconds(cpu) - costs[1].seconds(cpu) == pytest.approx(extra_passes / 1e9)
+    assert cpu.attention_score_rate("bf16") == 1e9                  # bf16 falls back to the fp32 rate
 
 
 def test_cpu_profile_is_measured_once_and_cached(tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ them (benchmarks/plan_vs_cuda.py records measured step times when it runs on one
 
 The CPU profile is measured here (`calibrate_cpu`, a few seconds): matrix products at three sizes per dtype,
 `add` bandwidth at four working-set sizes (a CPU's caches make small tensors faster than DRAM), exp/erf/softmax/
-layer-norm and Bernoulli rates per element, and the launch cost as the part of a tiny model's measured training
-step that its counted work does not explain. Cached in ~/.cache/memtune (keyed by processor, torch threads and
+layer-norm and Bernoulli rates per element, fused attention's per-score rate per dtype (PyTorch's CPU flash
+kernel: scale, max, exp and sum for every score, at any head width), and the launch cost as the part of a tiny
+model's measured training step that its counted work does not explain. Cached in ~/.cache/memtune (keyed by processor, torch threads and
 torch version); `get_profile("cpu", refresh=True)` measures again.
 """
 from __future__ import annotations
@@ -35,11 +36,11 @@ from pathlib import Path
 import torch
 
 from ..methods import ConfigError
-from .flops import counting
+from .flops import BACKWARD_SCORE_PASSES, counting
 from .plan_types import PlanSettings
 from .real_step import build_real_step, step_clock, time_step
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 TENSOR_CORE_SHARE, SIMT_SHARE, BANDWIDTH_SHARE = 0.7, 0.85, 0.85
 TFLOPS, GBPS = 1e12, 1e9
 
@@ -79,10 +80,18 @@ class DeviceProfile:
     fresh_bytes_per_s: float | None = None       # first-touch (page fault) rate of such storages
     source: str = ""
     measured: dict = field(default_factory=dict)
+    # dtype → score passes/s of the fused attention kernel beyond its products (a CPU: the per-score
+    # scale/max/exp/sum runs on the cores and costs the same at any head width); None: not priced (a GPU's
+    # flash kernel overlaps it with the tensor-core products).
+    attention_scores: dict | None = None
 
     def matmul_rate(self, dtype: str, flops: float) -> float:
         curve = self.matmul.get(dtype) or self.matmul.get("bf16" if dtype in ("fp16", "fp8", "int8") else "fp32")
         return curve(flops)
+
+    def attention_score_rate(self, dtype: str) -> float:
+        rates = self.attention_scores
+        return rates.get(dtype) or rates.get("bf16" if dtype in ("fp16", "fp8") else "fp32") or math.inf
 
     def op_seconds(self, kind: str, dtype: str, flops: float, nbytes: float, elements: float,
                    fresh: tuple = ()) -> float:
@@ -91,6 +100,8 @@ class DeviceProfile:
             memory += sum(b for b in fresh if b >= self.fresh_threshold_bytes) / self.fresh_bytes_per_s
         if kind in ("matmul", "attention"):
             work = max(flops / self.matmul_rate(dtype, flops), memory) if flops else memory
+            if kind == "attention" and self.attention_scores:
+                work += elements / self.attention_score_rate(dtype)
         elif kind == "transcendental":
             work = max(elements / self.transcendental, memory)
         elif kind == "random":
@@ -262,11 +273,28 @@ def calibrate_cpu() -> DeviceProfile:
         matmul=matmul, bandwidth=bandwidth, transcendental=transcendental, random=random,
         launch_s=0.0, launch_overlaps=False, memory_bytes=None,
         source=f"measured on this machine (torch {torch.__version__})")
+    profile.attention_scores = {name: _attention_score_rate(dtype)
+                                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     profile.fresh_threshold_bytes = FRESH_THRESHOLD_BYTES
     profile.fresh_bytes_per_s = _first_touch_rate()
     profile.launch_s = _launch_seconds(profile)
     profile.measured = {"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     return profile
+
+
+def _attention_score_rate(dtype, b=1, h=8, t=256, d=2) -> float:
+    """Score passes/s of PyTorch's fused CPU attention: one causal forward + backward over the score passes the
+    counter gives such a call (1 + `BACKWARD_SCORE_PASSES` per score). Heads of width 2, so the time is the
+    per-score work: its products are a tenth of it or less (fp32 here: 4.0 ns a pass at d = 2; at d = 64,
+    6.8 ns measured against 4.0 + 3.2 ns of products at the fp32 matmul rate, which the op's FLOPs add)."""
+    q, k, v = (torch.randn(b, h, t, d, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def step():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    with torch.enable_grad():
+        seconds = 1.0 / _rate(step, 1.0)
+    return (1 + BACKWARD_SCORE_PASSES) * (b * h * t * t // 2) / seconds
 
 
 # glibc's malloc serves blocks above its mmap threshold from fresh pages of the OS, and returns them on free,

@@ -16,7 +16,10 @@ Every aten operator the step runs (forward, backward, `optimizer.step()`) is one
 Views and allocations move no data and are not counted. Fused attention (`--attn sdpa` on a modelled GPU)
 is a stand-in without operators inside (`meta_ops.FusedAttention`), so its FLOPs are reported to this
 counter by that stand-in: 4·B·H·Tq·Tk·D forward (QKᵀ and PV), 2.5× that backward (flash attention's
-backward recomputes the scores and runs four products), halved when causal.
+backward recomputes the scores and runs four products), halved when causal. Its `elements` are the score
+count B·H·Tq·Tk (halved when causal) forward and `BACKWARD_SCORE_PASSES` times that backward: the per-score
+work (scale, max, exp, sum; backward: exp again and dS = P∘(dP − δ)), which does not shrink with the head width
+D and which a CPU profile prices (`DeviceProfile.attention_scores`).
 
 Costs at two batch sizes with the same operator sequence interpolate per operator (`interpolate`): every
 operator's FLOPs and bytes are affine in the batch size (activation terms grow, weight terms stay), so the
@@ -36,6 +39,7 @@ from .meta_ops import ATTENTION_COST_SINK, is_meta_scalar_call, scalar_answer
 
 PHASES = ("forward", "backward", "optimizer")
 KINDS = ("matmul", "attention", "transcendental", "random", "memory")
+BACKWARD_SCORE_PASSES = 3       # fused attention's backward per-score work, in forward passes (CPU: 3.1 measured)
 
 _aten = torch.ops.aten
 # Elementwise and row-wise operators whose CPU (and, less so, GPU) cost is compute per element, not bytes
@@ -162,15 +166,15 @@ class CostCounter(TorchDispatchMode):
         flow, the backward the kernel will run (its stand-in's backward has no operators to count)."""
         b, h, tq, d = q.shape
         tk, dv = k.shape[-2], v.shape[-1]
-        fwd = 2 * b * h * tq * tk * (d + dv)
-        if causal:
-            fwd //= 2
+        scores = b * h * tq * tk // (2 if causal else 1)
+        fwd = 2 * scores * (d + dv)
         moved = sum(_nbytes(t) for t in (q, k, v)) + b * h * tq * dv * q.element_size()
         dtype = _dtype_of([q])
         phase = self.phase()
-        self.ops.append((phase, "attention", dtype, fwd, moved, b * h * tq * dv, ()))
+        self.ops.append((phase, "attention", dtype, fwd, moved, scores, ()))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            self.ops.append(("backward", "attention", dtype, int(2.5 * fwd), 2 * moved, b * h * tq * dv, ()))
+            self.ops.append(("backward", "attention", dtype, int(2.5 * fwd), 2 * moved,
+                             BACKWARD_SCORE_PASSES * scores, ()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

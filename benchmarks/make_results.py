@@ -468,8 +468,8 @@ def _smollm2_long_table(data: dict) -> str:
     w, rows = data["workload"], data["rows"]
     peer = rows[data["peer"]]
     bf16 = w["precision"] == "bf16"
-    command = "python benchmarks/smollm2_long_cpu.py" + ("" if bf16 else f" --precision fp32 --batch-size "
-                                                               f"{w['batch_size']} --steps 2")
+    command = "python benchmarks/smollm2_long_cpu.py" + ("" if bf16 else " --precision fp32 --steps 2") + (
+        "" if w["batch_size"] == 8 else f" --batch-size {w['batch_size']}")
     out = [f"## CPU: SmolLM2-135M causal LM at {w['batch_size']} × {w['max_length']} {w['precision']}, QST against "
            "QLoRA + checkpointing", "",
            f"Command: `{command}`, on {_cpu_kind(w)}. Real text (Rotten Tomatoes snippets joined into rows "

@@ -117,6 +117,19 @@ def cpu_has_bf16() -> bool | None:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def replan(path: Path) -> int:
+    """Recompute every row's plan in the record at `path`, at the record's own shape and precision."""
+    report = json.loads(path.read_text())
+    w = report["workload"]
+    SHAPE.update(batch=w["batch_size"], length=w["max_length"])
+    PRECISION["precision"] = w["precision"]
+    for label, row in report["rows"].items():
+        row["plan"] = planned(row["spec"])
+        print(label, {k: row["plan"][k] for k in ("peak_bytes", "step_time_s")})
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default=",".join(ROWS))
@@ -125,10 +138,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="default: benchmarks/smollm2_long_cpu.json (bf16), smollm2_long_cpu_fp32.json")
     ap.add_argument("--batch-size", type=int, default=SHAPE["batch"])
     ap.add_argument("--max-length", type=int, default=SHAPE["length"])
+    ap.add_argument("--replan", action="store_true",
+                    help="measure nothing: redo the planned columns of the record at --out (after a planner change)")
     ap.add_argument("--measure-row", metavar="SPEC", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     SHAPE.update(batch=ns.batch_size, length=ns.max_length)
     PRECISION["precision"] = ns.precision
+    if ns.replan:
+        return replan(Path(ns.out or OUT[ns.precision]))
     if ns.measure_row:
         print(json.dumps(measure_row(ns.measure_row, ns.steps)))
         return 0

@@ -185,6 +185,18 @@ def test_fused_side_attention_matches_eager_and_stores_no_attention_maps(kind):
 
 
 # -- side heads ------------------------------------------------------------------------------------------------------
+def assert_side_blocks_train_alone(model):
+    """One training step with the side path mixed in (α = 0.5): every side-block weight gets a non-zero
+    gradient and the frozen backbone none."""
+    model.train()
+    with torch.no_grad():
+        model.mix.weight.fill_(0.5)
+    model(**batch_for(model)).loss.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.trainable_named_parameters()
+               if n.startswith("side.blocks."))
+
+
 def test_side_heads_sets_the_side_head_count():
     bert = wrap_tiny("tiny-bert", side_heads=1)                # r=16: d' = 4, one head of 4 instead of 4 of 1
     assert (bert.r, bert.side_config.num_attention_heads, bert.side_config.hidden_size) == (16, 1, 4)
@@ -193,13 +205,7 @@ def test_side_heads_sets_the_side_head_count():
     assert (c.num_attention_heads, c.head_dim, c.hidden_size) == (2, 16, 32)
     for model in (bert, vit):
         assert model.backbone.config.num_attention_heads == 4
-        model.train()
-        with torch.no_grad():
-            model.mix.weight.fill_(0.5)
-        model(**batch_for(model)).loss.backward()
-        assert all(p.grad is None for p in model.backbone.parameters())
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.trainable_named_parameters()
-                   if n.startswith("side.blocks."))
+        assert_side_blocks_train_alone(model)
     assert wrap_tiny("tiny-bert").side_config.num_attention_heads == 4       # default: the backbone's H
     with pytest.raises(ConfigError, match=r"qst.r=16 .*side width d/r=4 is not divisible by the 3 side heads"):
         wrap_tiny("tiny-bert", r=16, side_heads=3)
@@ -218,13 +224,7 @@ def test_llama_side_heads_keep_the_kv_grouping_where_they_can():
                                                                                              head_dim)
         block = model.side.blocks[0].self_attn
         assert block.k_proj.out_features == kv * head_dim and block.q_proj.out_features == 16
-        model.train()
-        with torch.no_grad():
-            model.mix.weight.fill_(0.5)
-        model(**batch_for(model)).loss.backward()
-        assert all(p.grad is None for p in model.backbone.parameters())
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.trainable_named_parameters()
-                   if n.startswith("side.blocks."))
+        assert_side_blocks_train_alone(model)
     with pytest.raises(ConfigError, match=r"side head width d/\(r·H\)=1 is odd"):     # d' = 32 over 32 heads
         make("llama-lm", r=2, side_heads=32)
 

@@ -18,8 +18,8 @@ The CPU profile is measured here (`calibrate_cpu`, a few seconds): matrix produc
 `add` bandwidth at four working-set sizes (a CPU's caches make small tensors faster than DRAM), exp/erf/softmax/
 layer-norm and Bernoulli rates per element, fused attention's per-score rate per dtype (PyTorch's CPU flash
 kernel: scale, max, exp and sum for every score, at any head width), and the launch cost as the part of a tiny
-model's measured training step that its counted work does not explain. Cached in ~/.cache/memtune (keyed by processor, torch threads and
-torch version); `get_profile("cpu", refresh=True)` measures again.
+model's measured training step that its counted work does not explain. Cached in ~/.cache/memtune (keyed by
+processor, torch threads and torch version); `get_profile("cpu", refresh=True)` measures again.
 """
 from __future__ import annotations
 

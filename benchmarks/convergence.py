@@ -12,8 +12,8 @@ grid per method (multiples of the method's default learning rate, chosen on a va
 training data, see memtune.sweep). `--add-seeds 3,4` runs further seeds of methods that have a record and joins
 them into it (memtune.sweep.merge_seed_runs). `--epochs 10 --select-best` trains longer and tests the epoch with the
 best validation score (the LST / SHERL / QST recipes: memtune train --select-best, on a 10 % carve-out); such a
-record is named after its recipe (lst_ep-10_best.json). `python benchmarks/make_results.py` tabulates the finished
-methods.
+record is named after its recipe (lst_ep-10_best.json; a grid's: lst_lr-grid.json).
+`python benchmarks/make_results.py` tabulates the finished methods.
 
 Side methods and the linear probe replay the frozen trunk from epoch 2 on (`cache_trunk=true`); LST, SHERL, QST and the
 probe then run the trunk in eval mode (`trunk_dropout=false`), which the cache needs on a backbone with dropout.
@@ -97,7 +97,7 @@ def main():
     from memtune.spec import split_specs
 
     for m in (split_specs(a.methods) if a.methods else task["methods"]):
-        stem = record_name(m) + recipe_suffix(a.epochs, a.select_best)
+        stem = record_name(m) + recipe_suffix(a.epochs, a.select_best, bool(a.lr_grid))
         out = Path("runs/convergence") / name / stem
         record_file = dest / f"{stem}.json"
         if a.collect:
@@ -131,9 +131,10 @@ def recipe_flags(epochs: float | None, select_best: bool) -> list[str]:
     return flags + (["--val-fraction", "0.1", "--select-best"] if select_best else [])
 
 
-def recipe_suffix(epochs: float | None, select_best: bool) -> str:
-    """The record name's recipe part: '_ep-10_best' for --epochs 10 --select-best, '' for the task's recipe."""
-    return (f"_ep-{epochs:g}" if epochs else "") + ("_best" if select_best else "")
+def recipe_suffix(epochs: float | None, select_best: bool, lr_grid: bool = False) -> str:
+    """The record name's recipe part: '_ep-10_best' for --epochs 10 --select-best, '_lr-grid' for a learning-rate
+    grid, '' for the task's recipe (so a grid never overwrites the default learning rate's record)."""
+    return (f"_ep-{epochs:g}" if epochs else "") + ("_best" if select_best else "") + ("_lr-grid" if lr_grid else "")
 
 
 def seed_flags(seeds: str, count_allowed: bool) -> list[str]:

@@ -224,35 +224,44 @@ def targets_section() -> str:
     return "\n".join(rows)
 
 
+def vqa_results() -> list[tuple[str, dict]]:
+    """(template, results) of each digits-vqa template benchmarks/vqa_compare.py has run, B1 first."""
+    return [(path.parent.name.split("-")[-1].upper(), json.loads(path.read_text()))
+            for path in sorted(HERE.glob("vqa-digits-*/results.json"))]
+
+
 def vqa_targets(add) -> None:
-    """docs/methods/vl.md §5.11 per trained method on digits-vqa/B1 (benchmarks/vqa_compare.py)."""
-    path = HERE / "vqa-digits-b1" / "results.json"
-    if not path.exists():
-        return
-    for c in json.loads(path.read_text()).get("controls", []):
-        mean = {k: sum(c[k]) / len(c[k]) for k in ("both", "image", "question")}
-        add(f"{c['label']} on digits-vqa/B1: both modalities vs the better single-modality control (controls vs "
-            f"chance 0.5)", f"{mean['both']:.3f} vs {max(mean['image'], mean['question']):.3f} "
-            f"({c['beats_controls_by'] * 100:+.1f} pts; controls {mean['image']:.3f}, {mean['question']:.3f})",
-            "≥ +15 pts; controls within 3 pts of 0.5", c["passes"])
+    """docs/methods/vl.md §5.11 per trained method on each digits-vqa template (benchmarks/vqa_compare.py)."""
+    for template, data in vqa_results():
+        chance = data.get("chance", 0.5)
+        for c in data.get("controls", []):
+            mean = {k: sum(c[k]) / len(c[k]) for k in ("both", "image", "question")}
+            add(f"{c['label']} on digits-vqa/{template}: both modalities vs the better single-modality control "
+                f"(controls vs chance {chance:g})", f"{mean['both']:.3f} vs {max(mean['image'], mean['question']):.3f} "
+                f"({c['beats_controls_by'] * 100:+.1f} pts; controls {mean['image']:.3f}, {mean['question']:.3f})",
+                f"≥ +15 pts; controls within 3 pts of {chance:g}", c["passes"])
+
+
+VQA_QUESTIONS = {"B1": '"is this a {c}?", yes/no', "B3": '"is it an even digit?", "is it less than five?" and '
+                 'their complements, yes/no'}
 
 
 def vqa_section() -> str:
-    """The offline VQA check with its single-modality controls (benchmarks/vqa_compare.py)."""
-    path = HERE / "vqa-digits-b1" / "results.json"
-    if not path.exists():
-        return ""
-    data = json.loads(path.read_text())
-    commands = [*data.get("earlier_commands", []), data["command"]]
-    return "\n".join([
-        "## CPU: image + text, DINOv2-S beside MiniLM on digits-vqa/B1, with single-modality controls", "",
-        "Command: `python benchmarks/vqa_compare.py` (one invocation per learning rate: "
-        + "; ".join(f"`{c}`" for c in commands) + "). Each trained run is then evaluated with every test image "
-        "blanked and with every question emptied (`memtune eval --ablate image|question`). B1 (\"is this a {c}?\", "
-        "yes/no) is at 0.5 for either modality alone. Budget: one CPU thread per run on a shared 2-core machine, "
-        "one seed per method (the interval needs more seeds than the session allowed); memory: one step at the "
-        "training shape on the CPU tracker.", "",
-        (HERE / "vqa-digits-b1" / "results.md").read_text().strip(), ""])
+    """The offline VQA check with its single-modality controls, per template (benchmarks/vqa_compare.py)."""
+    parts = []
+    for template, data in vqa_results():
+        commands = [*data.get("earlier_commands", []), data["command"]]
+        parts += [
+            f"## CPU: image + text, DINOv2-S beside MiniLM on digits-vqa/{template}, with single-modality controls", "",
+            f"Command: `python benchmarks/vqa_compare.py --template {template}` (one invocation per learning rate: "
+            + "; ".join(f"`{c}`" for c in commands) + "). Each trained run is then evaluated with every test image "
+            f"blanked and with every question emptied (`memtune eval --ablate image|question`). {template} "
+            f"({VQA_QUESTIONS.get(template, 'docs/methods/vl.md §6')}) is at {data.get('chance', 0.5):g} for either "
+            "modality alone. Budget: one CPU thread per run on a shared 2-core machine, one seed per method (the "
+            "interval needs more seeds than the session allowed); memory: one step at the training shape on the "
+            "CPU tracker.", "",
+            (HERE / f"vqa-digits-{template.lower()}" / "results.md").read_text().strip(), ""]
+    return "\n".join(parts)
 
 
 def retrieval_section() -> str:

@@ -1,10 +1,14 @@
 """Training on the offline VQA task (memtune issue #18), with its single-modality controls: `memtune compare` on
-digits-vqa/B1 ("is this a {c}?" yes/no: neither the question nor the image alone beats 0.5) with DINOv2-S beside
-MiniLM, then every trained run evaluated again with its images blanked and with its questions emptied
-(`memtune eval --ablate`; docs/methods/vl.md §5.11: a model that reads both modalities beats both controls by
-≥ 15 points, and the controls stay within 3 points of chance).
+one digits-vqa template with DINOv2-S beside MiniLM, then every trained run evaluated again with its images
+blanked and with its questions emptied (`memtune eval --ablate`; docs/methods/vl.md §5.11: a model that reads both
+modalities beats both controls by ≥ 15 points, and the controls stay within 3 points of chance).
 
-    python benchmarks/vqa_compare.py [--methods full,lora,lora+gc,lst,sherl] [--seeds 0] [--max-steps 1200] [--lr X]
+    python benchmarks/vqa_compare.py [--template B1] [--methods full,lora,lora+gc,lst,sherl] [--seeds 0]
+                                     [--max-steps 1200] [--lr X]
+
+Templates (data/vqa.py): B1 "is this a {c}?" (yes/no) names a class the model must check against the image; B3
+"is it an even digit?" / "... less than five?" (and their complements: yes/no) asks one of two attributes of
+the digit. Either modality alone scores 0.5 on both.
 
 The baselines read the image as a trainable prefix of the text backbone (docs/methods/vl.md §4 mode B); LST keeps it
 in its side network (mode A); SHERL reads a frozen prefix through its early route and adds a trainable visual
@@ -13,8 +17,8 @@ projection before the late layer. Images are resized to 56 px (the spec's size f
 B1 asks the model to bind a word to an image: in short runs every method sits at chance (loss ln 2) for several
 epochs before it learns, so the defaults train 1,200 steps on 2,000 questions. Methods that need different
 learning rates run as separate invocations (`--lr`), each adding its rows. Run folders go to
-runs/bench/vqa-digits-b1/<invocation>/; the compare records, the controls and the table are written to
-benchmarks/vqa-digits-b1/. A rerun adds its rows to the records already there (a row of the same label is
+runs/bench/vqa-digits-<template>/<invocation>/; the compare records, the controls and the table are written to
+benchmarks/vqa-digits-<template>/ (b1, b3, ...). A rerun adds its rows to the records already there (a row of the same label is
 replaced), with the ratios to full recomputed over the joined rows.
 """
 from __future__ import annotations
@@ -33,8 +37,7 @@ from memtune.compare import add_ratios, markdown_table, settings_line  # noqa: E
 from memtune.spec import parse_specs  # noqa: E402
 from memtune.sweep import ci95_half_width  # noqa: E402
 
-NAME = "vqa-digits-b1"
-CHANCE = 0.5                 # B1's rate for either modality alone (docs/methods/vl.md §6)
+CHANCE = {"B1": 0.5, "B2": 0.5, "B3": 0.5, "B4": 0.1}  # either modality alone (docs/methods/vl.md §6)
 MARGIN, NEAR_CHANCE = 0.15, 0.03
 ABLATIONS = ("image", "question")
 
@@ -63,7 +66,7 @@ def fmt(values: list[float]) -> str:
     return f"{m:.3f}" + (f" ± {h:.3f}" if h is not None else "")
 
 
-def control_rows(records: list[dict], runs: Path) -> list[dict]:
+def control_rows(records: list[dict], runs: Path, chance: float) -> list[dict]:
     """Per trained row: accuracy with both modalities and under each ablation, per seed; the §5.11 verdicts."""
     rows = []
     for r in records:
@@ -78,14 +81,14 @@ def control_rows(records: list[dict], runs: Path) -> list[dict]:
         worst_control = max(mean_ci(row[a])[0] for a in ABLATIONS)
         row["beats_controls_by"] = mean_ci(both)[0] - worst_control
         row["passes"] = bool(row["beats_controls_by"] >= MARGIN and
-                             all(abs(mean_ci(row[a])[0] - CHANCE) <= NEAR_CHANCE for a in ABLATIONS))
+                             all(abs(mean_ci(row[a])[0] - chance) <= NEAR_CHANCE for a in ABLATIONS))
         rows.append(row)
     return rows
 
 
-def controls_table(rows: list[dict]) -> str:
+def controls_table(rows: list[dict], chance: float) -> str:
     head = ("| method | lr | both modalities | image blanked | question emptied | margin over the better control "
-            f"| §5.11 (≥ {MARGIN * 100:.0f} pts; controls {CHANCE:.2f} ± {NEAR_CHANCE:.2f}) |\n" + "|---" * 7 + "|")
+            f"| §5.11 (≥ {MARGIN * 100:.0f} pts; controls {chance:.2f} ± {NEAR_CHANCE:.2f}) |\n" + "|---" * 7 + "|")
     body = [f"| {r['label']} | {r.get('lr') or 'default'} | {fmt(r['both'])} | {fmt(r['image'])} | "
             f"{fmt(r['question'])} | {r['beats_controls_by'] * 100:+.1f} pts | {'yes' if r['passes'] else 'no'} |"
             for r in rows]
@@ -94,6 +97,7 @@ def controls_table(rows: list[dict]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--template", default="B1", choices=sorted(CHANCE))
     parser.add_argument("--methods", default="full,lora,lora+gc,lst,sherl")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--max-steps", default="1200")
@@ -103,11 +107,12 @@ def main():
     parser.add_argument("--lr", default=None, help="default: each method's own")
     args = parser.parse_args()
     # One run folder per invocation, so that invocations may run side by side.
-    runs = Path("runs/bench") / NAME / (args.methods.replace(",", "_") + (f"-lr-{args.lr}" if args.lr else ""))
-    out = HERE / NAME
+    name = f"vqa-digits-{args.template.lower()}"
+    runs = Path("runs/bench") / name / (args.methods.replace(",", "_") + (f"-lr-{args.lr}" if args.lr else ""))
+    out = HERE / name
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    command = [sys.executable, "-m", "memtune", "compare", "--model", "dinov2-s+minilm", "--task", "digits-vqa/B1",
+    command = [sys.executable, "-m", "memtune", "compare", "--model", "dinov2-s+minilm", "--task", f"digits-vqa/{args.template}",
                "--image-size", args.image_size, "--max-length", "24", "--batch-size", "16",
                "--train-limit", args.train_limit, "--test-limit", args.test_limit, "--max-steps", args.max_steps,
                "--methods", args.methods, "--out", str(runs), "--no-progress"]
@@ -116,7 +121,8 @@ def main():
     print(" ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
     new = json.loads((runs / "results.json").read_text())
-    new["controls"] = control_rows(new["records"], runs)
+    new["chance"] = CHANCE[args.template]
+    new["controls"] = control_rows(new["records"], runs, new["chance"])
     results = out / "results.json"
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # parallel invocations join their rows one at a time
@@ -133,7 +139,8 @@ def join_and_write(new: dict, results: Path, out: Path) -> None:
         add_ratios(new["records"])
     results.write_text(json.dumps(new, indent=2) + "\n")
     table = (settings_line(new["records"]) + "\n\n" + markdown_table(new["records"]) +
-             "\n\nSingle-modality controls (mean ± 95 % half-width over seeds):\n\n" + controls_table(new["controls"]))
+             "\n\nSingle-modality controls (mean ± 95 % half-width over seeds):\n\n" +
+             controls_table(new["controls"], new["chance"]))
     (out / "results.md").write_text(table + "\n")
     print(table)
 

@@ -18,8 +18,8 @@ B1 asks the model to bind a word to an image: in short runs every method sits at
 epochs before it learns, so the defaults train 1,200 steps on 2,000 questions. Methods that need different
 learning rates run as separate invocations (`--lr`), each adding its rows. Run folders go to
 runs/bench/vqa-digits-<template>/<invocation>/; the compare records, the controls and the table are written to
-benchmarks/vqa-digits-<template>/ (b1, b3, ...). A rerun adds its rows to the records already there (a row of the same label is
-replaced), with the ratios to full recomputed over the joined rows.
+benchmarks/vqa-digits-<template>/ (b1, b3, ...). A rerun adds its rows to the records already there (a row of the
+same label is replaced), with the ratios to full recomputed over the joined rows.
 """
 from __future__ import annotations
 
@@ -112,10 +112,10 @@ def main():
     out = HERE / name
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    command = [sys.executable, "-m", "memtune", "compare", "--model", "dinov2-s+minilm", "--task", f"digits-vqa/{args.template}",
-               "--image-size", args.image_size, "--max-length", "24", "--batch-size", "16",
-               "--train-limit", args.train_limit, "--test-limit", args.test_limit, "--max-steps", args.max_steps,
-               "--methods", args.methods, "--out", str(runs), "--no-progress"]
+    command = [sys.executable, "-m", "memtune", "compare", "--model", "dinov2-s+minilm",
+               "--task", f"digits-vqa/{args.template}", "--image-size", args.image_size, "--max-length", "24",
+               "--batch-size", "16", "--train-limit", args.train_limit, "--test-limit", args.test_limit,
+               "--max-steps", args.max_steps, "--methods", args.methods, "--out", str(runs), "--no-progress"]
     command += ["--seeds", args.seeds] if len(seeds) > 1 else ["--seed", args.seeds]
     command += ["--lr", args.lr] if args.lr else []
     print(" ".join(command[1:]), flush=True)

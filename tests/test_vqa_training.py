@@ -276,6 +276,15 @@ def test_eval_with_a_blank_image_scores_a_constant_prediction(capsys, tmp_path):
                  "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["ablate"] == "image" and result["accuracy"] == pytest.approx(0.1)
+    # --test-limit rescores on more of the split than the run did: all 500 C1 test questions, 50 per digit.
+    assert main(["eval", "--model", "tiny-vl-bert", "--adapter", str(tmp_path / "lst"), "--ablate", "image",
+                 "--test-limit", "all", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval_examples"] == 500 and result["accuracy"] == pytest.approx(0.1)
+    for bad in ("0", "some"):
+        with pytest.raises(SystemExit):
+            main(["eval", "--model", "tiny-vl-bert", "--adapter", str(tmp_path / "lst"), "--test-limit", bad])
+        assert "positive number of test examples or 'all'" in capsys.readouterr().err
     assert main(["eval", "--model", "tiny-vl-bert", "--adapter", str(tmp_path / "lst"), "--task", "digits",
                  "--ablate", "image", "--no-progress"]) == 2
     assert "--ablate applies to image-text tasks" in capsys.readouterr().err

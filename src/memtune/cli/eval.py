@@ -14,11 +14,29 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with your GLUE / SuperGLUE / VTAB-1k copy (default: the "
                    "training run's, else $MEMTUNE_DATA_DIR)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--test-limit", type=_test_limit, default=None, metavar="N|all",
+                   help="score a class-stratified subset of N test examples, or 'all' of them (default: the "
+                        "training run's --test-limit)")
     p.add_argument("--ablate", choices=("image", "question"), default=None,
                    help="image-text tasks: evaluate a single-modality control, every image blanked (image) or every "
                         "question emptied (question); a model that needs both falls to chance")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
+
+
+def _test_limit(value: str) -> int | str:
+    """--test-limit: a positive count or 'all' (the whole test split, whatever the training run scored)."""
+    import argparse
+
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of test examples or 'all', got {value!r}")
+    return count
 
 
 def _run_settings(adapter: Path) -> dict:
@@ -54,7 +72,8 @@ def run(ns) -> int:
         raise TaskError("--task is required: the adapter folder has no metrics.json naming its task")
     loaded = load_model(ns.model)
     model = load(loaded, ns.adapter)
-    task = load_task(task_name, seed=settings.get("seed", 0), test_limit=settings.get("test_limit"),
+    test_limit = {None: settings.get("test_limit"), "all": None}.get(ns.test_limit, ns.test_limit)
+    task = load_task(task_name, seed=settings.get("seed", 0), test_limit=test_limit,
                      text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
                      data_dir=ns.data_dir or settings.get("data_dir"), regression=model.objective == "regression")
     if ns.ablate and task.kind != "image_text":

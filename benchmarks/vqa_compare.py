@@ -168,7 +168,7 @@ def main():
     if args.rescore:
         if not results.exists():
             sys.exit(f"--rescore: {results.relative_to(HERE.parent)} has no rows yet; train them first")
-        with open(out / ".lock", "w") as lock:
+        with open(lock_file(name), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = json.loads(results.read_text())
             old["controls"] = control_rows(old["records"], args.template, chance, args.rescore)
@@ -189,9 +189,16 @@ def main():
     new = json.loads((runs / "results.json").read_text())
     new["chance"] = chance
     new["controls"] = control_rows(new["records"], args.template, chance)
-    with open(out / ".lock", "w") as lock:
+    with open(lock_file(name), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # parallel invocations join their rows one at a time
         join_and_write(new, results, out)
+
+
+def lock_file(name: str) -> Path:
+    """The lock that serialises invocations writing one template's results (kept out of benchmarks/)."""
+    path = Path("runs/bench") / name / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def join_and_write(new: dict, results: Path, out: Path) -> None:

@@ -107,7 +107,7 @@ def control_rows(records: list[dict], template: str, chance: float, test_limit: 
             row["test_questions"] = scores[0][1]
         if not test_limit:
             row["both"] = r.get("accuracy_per_seed") or [r["accuracy"]]
-        limit = None if test_limit == "all" else int(test_limit or r["settings"]["test_limit"])
+        limit = None if test_limit == "all" else int(test_limit) if test_limit else r["settings"]["test_limit"]
         row["question_only_range"] = question_only_range(template, seeds[0], limit)
         rows.append(verdict(row, chance))
     return rows

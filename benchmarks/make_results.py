@@ -255,13 +255,14 @@ def vqa_section() -> str:
             f"## CPU: image + text, DINOv2-S beside MiniLM on digits-vqa/{template}, with single-modality controls", "",
             f"Command: `python benchmarks/vqa_compare.py --template {template}` (one invocation per learning rate: "
             + "; ".join(f"`{c}`" for c in commands) + "). Each trained run is then evaluated with every test image "
-            f"blanked and with every question emptied (`memtune eval --ablate image|question`)"
+            "blanked and with every question emptied (`memtune eval --ablate image|question`)"
             + (f"; `python {data['rescore_command']}` scored every row's three figures again, on the test "
                "questions the controls table counts" if data.get("rescore_command") else "")
             + f". {template} "
             f"({VQA_QUESTIONS.get(template, 'docs/methods/vl.md §6')}) is at {data.get('chance', 0.5):g} for either "
             "modality alone; the last column is the range a rule reading only the question reaches on the "
-            "scored questions (a stratified subset keeps the answers' shares, not each wording's). Budget: one CPU thread per run on a shared 2-core machine, one seed per method (the "
+            "scored questions (a stratified subset keeps the answers' shares, not each wording's). Budget: one "
+            "CPU thread per run on a shared 2-core machine, one seed per method (the "
             "interval needs more seeds than the session allowed); memory: one step at the training shape on the "
             "CPU tracker.", "",
             (HERE / f"vqa-digits-{template.lower()}" / "results.md").read_text().strip(), ""]

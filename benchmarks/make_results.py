@@ -264,8 +264,7 @@ def vqa_section() -> str:
             "scored questions (a stratified subset keeps the answers' shares, not each wording's). The first "
             "table's accuracy is each run's own test score, on the test questions its command names (rows "
             "without --test-limit: all 500); the controls table scores a row's three figures on one set of "
-            "questions. Budget: one "
-            "CPU thread per run on a shared 2-core machine, one seed per method (the "
+            "questions. Budget: one CPU thread per run on a shared 2-core machine, one seed per method (the "
             "interval needs more seeds than the session allowed); memory: one step at the training shape on the "
             "CPU tracker.", "",
             (HERE / f"vqa-digits-{template.lower()}" / "results.md").read_text().strip(), ""]

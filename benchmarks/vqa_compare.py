@@ -50,22 +50,17 @@ MARGIN, NEAR_CHANCE = 0.15, 0.03
 ABLATIONS = ("image", "question")
 
 
-def evaluate_run(folder: Path, ablation: str | None, test_limit: str | None = None) -> tuple[float, int]:
-    """(accuracy, questions scored) of the run in `folder` on its test split, with one modality removed
+def evaluate_run(folder: Path, model: str, ablation: str | None, test_limit: str | None = None) -> tuple[float, int]:
+    """(accuracy, questions scored) of the run of `model` in `folder` on its test split, with one modality removed
     (`ablation`) or both kept (None); `test_limit` ("all" or a count) rescores on more questions than it trained with."""
-    command = [sys.executable, "-m", "memtune", "eval", "--model", run_settings(folder)["model"], "--adapter",
-               str(folder), "--no-progress"]
+    command = [sys.executable, "-m", "memtune", "eval", "--model", model, "--adapter", str(folder), "--no-progress"]
     command += ["--ablate", ablation] if ablation else []
     command += ["--test-limit", test_limit] if test_limit else []
     out = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     return out["accuracy"], out["eval_examples"]
 
 
-def run_settings(folder: Path) -> dict:
-    return json.loads((folder / "metrics.json").read_text())["settings"]
-
-
-def question_only_range(template: str, seed: int, test_limit: int | None) -> tuple[float, float]:
+def question_only_range(template: str, seed: int, test_limit: int) -> tuple[float, float]:
     """The lowest and highest accuracy any rule that reads only the question reaches on these test questions
     (per question string, answer its minority or its majority answer). On B3's 500 test questions each wording
     is asked 50/50, so the range is one point, 0.5; a stratified subset keeps the answers' shares but not each
@@ -102,13 +97,13 @@ def control_rows(records: list[dict], template: str, chance: float, test_limit: 
         row = {"label": r["label"], "lr": r["settings"].get("lr"), "seeds": seeds}
         for a in (None, *ABLATIONS) if test_limit else ABLATIONS:
             print(f"  {r['label']}: {'--ablate ' + a if a else 'both modalities'}", file=sys.stderr, flush=True)
-            scores = [evaluate_run(f, a, test_limit) for f in folders]
+            scores = [evaluate_run(f, r["settings"]["model"], a, test_limit) for f in folders]
             row[a or "both"] = [acc for acc, _ in scores]
             row["test_questions"] = scores[0][1]
         if not test_limit:
             row["both"] = r.get("accuracy_per_seed") or [r["accuracy"]]
-        limit = None if test_limit == "all" else int(test_limit) if test_limit else r["settings"]["test_limit"]
-        row["question_only_range"] = question_only_range(template, seeds[0], limit)
+        # The same seeded subset eval scored: a limit of the count it scored (the whole split when it was all).
+        row["question_only_range"] = question_only_range(template, seeds[0], row["test_questions"])
         rows.append(verdict(row, chance))
     return rows
 
@@ -180,7 +175,8 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     command = [sys.executable, "-m", "memtune", "compare", "--model", "dinov2-s+minilm",
                "--task", f"digits-vqa/{args.template}", "--image-size", args.image_size, "--max-length", "24",
-               "--batch-size", "16", "--train-limit", args.train_limit, "--max-steps", args.max_steps, "--methods", args.methods, "--out", str(runs), "--no-progress"]
+               "--batch-size", "16", "--train-limit", args.train_limit, "--max-steps", args.max_steps,
+               "--methods", args.methods, "--out", str(runs), "--no-progress"]
     command += ["--seeds", args.seeds] if len(seeds) > 1 else ["--seed", args.seeds]
     command += ["--lr", args.lr] if args.lr else []
     command += ["--test-limit", args.test_limit] if args.test_limit != "all" else []

@@ -267,8 +267,21 @@ def vqa_section() -> str:
             "questions. Budget: one CPU thread per run on a shared 2-core machine, one seed per method (the "
             "interval needs more seeds than the session allowed); memory: one step at the training shape on the "
             "CPU tracker.", "",
-            (HERE / f"vqa-digits-{template.lower()}" / "results.md").read_text().strip(), ""]
+            (HERE / f"vqa-digits-{template.lower()}" / "results.md").read_text().strip(), "", *init_probe(template)]
     return "\n".join(parts)
+
+
+def init_probe(template: str) -> list[str]:
+    """What each method's features carry before training on one template (benchmarks/vqa_init_probe.py)."""
+    folder = HERE / f"vqa-digits-{template.lower()}"
+    if not (folder / "init_probe.json").exists():
+        return []
+    data = json.loads((folder / "init_probe.json").read_text())
+    commands = "; ".join(f"`{c}`" for c in data["commands"])
+    return [f"What a head can read off each method's features at initialisation ({commands}): test accuracy of a "
+            f"ridge probe (lambda {data['ridge']:g}, standardised features) for the question wording, the image's "
+            f"class (C1 examples) and {template}'s answer, which needs both; one seed.", "",
+            (folder / "init_probe.md").read_text().strip(), ""]
 
 
 def retrieval_section() -> str:

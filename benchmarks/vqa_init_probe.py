@@ -1,0 +1,128 @@
+"""What each method's features carry before training, on the offline VQA task (memtune issue #18): ridge probes
+on the features the new head reads (`model.features`, eval mode, at initialisation), for three targets.
+
+    python benchmarks/vqa_init_probe.py [--methods full,lora,sherl,lst,lst:r=2] [--template B3]
+
+- question: which of the template's question wordings was asked (B3: 4), from the B3 examples;
+- image: the digit's class, from the C1 examples ("what is this?": the answer is the class);
+- answer: the template's answer (B3: yes/no), which needs both.
+
+A template whose answer is the XOR of a question attribute and an image attribute (B3) starts every method on a
+symmetric saddle: loss ln 2, no gradient toward either modality alone. What a head can read off the features at
+initialisation is then the signal training starts from. The probe standardises each feature on the training
+examples and solves one-vs-all ridge regression (lambda 10) on them; accuracy is on the test examples.
+Writes benchmarks/vqa-digits-<template>/init_probe.json and init_probe.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import memtune  # noqa: E402
+from memtune.data import load_task, make_collate  # noqa: E402
+from memtune.spec import parse_spec, split_specs, validate_spec  # noqa: E402
+
+MODEL = "dinov2-s+minilm"
+IMAGE_SIZE, MAX_LENGTH = 56, 24           # vqa_compare.py's training shape
+RIDGE = 10.0
+
+
+def features(model, collate, examples, target, wordings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B×F pooled features at init, B targets) for `examples`; target "question" numbers the wordings in
+    first-seen order (`wordings`: wording → id, shared by the training and the test call)."""
+    xs, ys = [], []
+    for i in range(0, len(examples), 64):
+        chunk = examples[i:i + 64]
+        batch = collate(chunk)
+        batch.pop("labels")
+        with torch.no_grad():
+            xs.append(model.features(batch).float())
+        if target == "question":
+            ys.append(torch.tensor([wordings.setdefault(e["text"], len(wordings)) for e in chunk]))
+        else:
+            ys.append(torch.tensor([e["label"] for e in chunk]))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def ridge_probe(x_train, y_train, x_test, y_test) -> float:
+    """Test accuracy of one-vs-all ridge regression on standardised features."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    a, b = (x_train - mean) / std, (x_test - mean) / std
+    targets = torch.nn.functional.one_hot(y_train, int(y_train.max()) + 1).float()
+    w = torch.linalg.solve(a.T @ a + RIDGE * torch.eye(a.shape[1]), a.T @ targets)
+    return ((b @ w).argmax(1) == y_test).float().mean().item()
+
+
+def probe_method(spec: str, template: str, seed: int) -> dict:
+    torch.manual_seed(seed)
+    loaded = memtune.load_model(MODEL)
+    tasks = {"question": f"digits-vqa/{template}", "image": "digits-vqa/C1", "answer": f"digits-vqa/{template}"}
+    row = {"method": spec}
+    model = None
+    for target, name in tasks.items():
+        task = load_task(name, seed=seed, train_limit=2000)
+        if model is None:           # one model per method; its head width does not change the features
+            parsed = validate_spec(parse_spec(spec))
+            model = memtune.wrap(loaded, memtune.config_for(parsed.method, parsed.options),
+                                 num_labels=len(task.label_names), techniques=parsed.techniques).eval()
+        collate = make_collate(task.kind, loaded.preprocessor, max_length=MAX_LENGTH, image_size=IMAGE_SIZE)
+        wordings: dict[str, int] = {}
+        x_tr, y_tr = features(model, collate, list(task.train), target, wordings)
+        x_te, y_te = features(model, collate, list(task.test), target, wordings)
+        row["feature_width"] = x_tr.shape[1]
+        row[target] = ridge_probe(x_tr, y_tr, x_te, y_te)
+        row[f"{target}_classes"] = int(y_tr.max()) + 1
+        row[f"{target}_test_examples"] = len(y_te)
+    return row
+
+
+def markdown(rows: list[dict], template: str) -> str:
+    lines = [f"| method | feature width | question ({rows[0]['question_classes']} wordings) | "
+             f"image ({rows[0]['image_classes']} classes) | {template} answer (chance 0.5) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['feature_width']} | {r['question']:.3f} | {r['image']:.3f} | {r['answer']:.3f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="full,lora,sherl,lst,lst:r=2")
+    p.add_argument("--template", default="B3")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    out = HERE / f"vqa-digits-{args.template.lower()}"
+    out.mkdir(exist_ok=True)
+    command = "python benchmarks/vqa_init_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for spec in split_specs(args.methods):
+        start = time.time()
+        row = probe_method(spec, args.template, args.seed)
+        print(f"{spec}: {row} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+        write(out, row, command.strip(), args)
+
+
+def write(out: Path, row: dict, command: str, args) -> None:
+    """Add `row` to the probe record (replacing a row of the same method spec) and rewrite its table, after
+    every method, so an interrupted run keeps what it measured."""
+    path = out / "init_probe.json"
+    data = json.loads(path.read_text()) if path.exists() else {"commands": [], "rows": []}
+    if data.get("model") not in (None, MODEL) or data.get("seed") not in (None, args.seed):
+        raise SystemExit(f"{path} holds probes of another model or seed; move it away first")
+    data.update(model=MODEL, seed=args.seed, ridge=RIDGE)
+    if command not in data["commands"]:
+        data["commands"].append(command)
+    data["rows"] = [r for r in data["rows"] if r["method"] != row["method"]] + [row]
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    (out / "init_probe.md").write_text(markdown(data["rows"], args.template) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -102,6 +102,7 @@ def main(argv=None) -> None:
     out = HERE / f"vqa-digits-{args.template.lower()}"
     out.mkdir(exist_ok=True)
     command = "python benchmarks/vqa_init_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    check_record(out / "init_probe.json", args.seed)
     for spec in split_specs(args.methods):
         start = time.time()
         row = probe_method(spec, args.template, args.seed)
@@ -109,13 +110,19 @@ def main(argv=None) -> None:
         write(out, row, command.strip(), args)
 
 
+def check_record(path: Path, seed: int) -> None:
+    """Refuse to add rows to a record of another model or seed (before any probe runs)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if data.get("model") not in (None, MODEL) or data.get("seed") not in (None, seed):
+        raise SystemExit(f"{path} holds probes of {data.get('model')} with seed {data.get('seed')}, not {MODEL} "
+                         f"with seed {seed}; move it away first")
+
+
 def write(out: Path, row: dict, command: str, args) -> None:
     """Add `row` to the probe record (replacing a row of the same method spec) and rewrite its table, after
     every method, so an interrupted run keeps what it measured."""
     path = out / "init_probe.json"
     data = json.loads(path.read_text()) if path.exists() else {"commands": [], "rows": []}
-    if data.get("model") not in (None, MODEL) or data.get("seed") not in (None, args.seed):
-        raise SystemExit(f"{path} holds probes of another model or seed; move it away first")
     data.update(model=MODEL, seed=args.seed, ridge=RIDGE)
     if command not in data["commands"]:
         data["commands"].append(command)

@@ -47,16 +47,20 @@ from memtune.sweep import ci95_half_width  # noqa: E402
 
 TEMPLATES = ("B1", "B2", "B3", "B4")   # one image, both modalities needed (docs/methods/vl.md §6)
 MARGIN, NEAR_CHANCE = 0.15, 0.03
+# The training shape of every run (vqa_init_probe.py probes the same inputs).
+MODEL, IMAGE_SIZE, MAX_LENGTH, BATCH_SIZE, TRAIN_LIMIT = "dinov2-s+minilm", 56, 24, 16, 2000
 ABLATIONS = ("image", "question")
 
 
 def evaluate_run(folder: Path, model: str, ablation: str | None, test_limit: str | None = None) -> tuple[float, int]:
     """(accuracy, questions scored) of the run of `model` in `folder` on its test split, with one modality removed
-    (`ablation`) or both kept (None); `test_limit` ("all" or a count) rescores on more questions than it trained with."""
+    (`ablation`) or both kept (None); `test_limit` ("all" or a count) rescores on more questions than it
+    trained with."""
     command = [sys.executable, "-m", "memtune", "eval", "--model", model, "--adapter", str(folder), "--no-progress"]
     command += ["--ablate", ablation] if ablation else []
     command += ["--test-limit", test_limit] if test_limit else []
-    out = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    stdout = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    out = json.loads(stdout.strip().splitlines()[-1])
     return out["accuracy"], out["eval_examples"]
 
 
@@ -146,9 +150,9 @@ def main():
     parser.add_argument("--methods", default="full,lora,lora+gc,lst,sherl")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--max-steps", default="1200")
-    parser.add_argument("--train-limit", default="2000")
+    parser.add_argument("--train-limit", default=str(TRAIN_LIMIT))
     parser.add_argument("--test-limit", default="all", help="test questions scored: a count or all (500)")
-    parser.add_argument("--image-size", default="56")
+    parser.add_argument("--image-size", default=str(IMAGE_SIZE))
     parser.add_argument("--lr", default=None, help="default: each method's own")
     parser.add_argument("--rescore", default=None, metavar="N|all",
                         help="train nothing: score every row already in the template's results again, both "
@@ -173,9 +177,10 @@ def main():
     # One run folder per invocation, so that invocations may run side by side.
     runs = Path("runs/bench") / name / (args.methods.replace(",", "_") + (f"-lr-{args.lr}" if args.lr else ""))
     seeds = [int(s) for s in args.seeds.split(",")]
-    command = [sys.executable, "-m", "memtune", "compare", "--model", "dinov2-s+minilm",
-               "--task", f"digits-vqa/{args.template}", "--image-size", args.image_size, "--max-length", "24",
-               "--batch-size", "16", "--train-limit", args.train_limit, "--max-steps", args.max_steps,
+    command = [sys.executable, "-m", "memtune", "compare", "--model", MODEL,
+               "--task", f"digits-vqa/{args.template}", "--image-size", args.image_size,
+               "--max-length", str(MAX_LENGTH), "--batch-size", str(BATCH_SIZE), "--train-limit", args.train_limit,
+               "--max-steps", args.max_steps,
                "--methods", args.methods, "--out", str(runs), "--no-progress"]
     command += ["--seeds", args.seeds] if len(seeds) > 1 else ["--seed", args.seeds]
     command += ["--lr", args.lr] if args.lr else []

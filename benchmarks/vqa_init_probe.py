@@ -3,9 +3,9 @@ on the features the new head reads (`model.features`, eval mode, at initialisati
 
     python benchmarks/vqa_init_probe.py [--methods full,lora,sherl,lst,lst:r=2] [--template B3]
 
-- question: which of the template's question wordings was asked (B3: 4), from the B3 examples;
-- image: the digit's class, from the C1 examples ("what is this?": the answer is the class);
-- answer: the template's answer (B3: yes/no), which needs both.
+- question: which of the template's question wordings was asked (B3: 4);
+- answer: the template's answer (B3: yes/no), which needs both modalities;
+- image: the digit's class, from the C1 examples ("what is this?": the answer is the class).
 
 A template whose answer is the XOR of a question attribute and an image attribute (B3) starts every method on a
 symmetric saddle: loss ln 2, no gradient toward either modality alone. What a head can read off the features at
@@ -28,31 +28,25 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import memtune  # noqa: E402
 from memtune.data import load_task, make_collate  # noqa: E402
+from memtune.data.vqa import load_vqa_task  # noqa: E402
 from memtune.spec import parse_spec, split_specs, validate_spec  # noqa: E402
+from vqa_compare import IMAGE_SIZE, MAX_LENGTH, MODEL, TRAIN_LIMIT  # noqa: E402
 
-MODEL = "dinov2-s+minilm"
-IMAGE_SIZE, MAX_LENGTH = 56, 24           # vqa_compare.py's training shape
 RIDGE = 10.0
 
 
-def features(model, collate, examples, target, wordings: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B×F pooled features at init, B targets) for `examples`; target "question" numbers the wordings in
-    first-seen order (`wordings`: wording → id, shared by the training and the test call)."""
-    xs, ys = [], []
+def features(model, collate, examples) -> torch.Tensor:
+    """B×F: the features `model`'s head reads for `examples`, without autograd."""
+    xs = []
     for i in range(0, len(examples), 64):
-        chunk = examples[i:i + 64]
-        batch = collate(chunk)
+        batch = collate(examples[i:i + 64])
         batch.pop("labels")
         with torch.no_grad():
             xs.append(model.features(batch).float())
-        if target == "question":
-            ys.append(torch.tensor([wordings.setdefault(e["text"], len(wordings)) for e in chunk]))
-        else:
-            ys.append(torch.tensor([e["label"] for e in chunk]))
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat(xs)
 
 
-def ridge_probe(x_train, y_train, x_test, y_test) -> float:
+def ridge_probe(x_train, x_test, y_train, y_test) -> float:
     """Test accuracy of one-vs-all ridge regression on standardised features."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     a, b = (x_train - mean) / std, (x_test - mean) / std
@@ -62,31 +56,34 @@ def ridge_probe(x_train, y_train, x_test, y_test) -> float:
 
 
 def probe_method(spec: str, template: str, seed: int) -> dict:
+    """One method's row: the probes' test accuracies and their class counts. The question and answer probes
+    read the same features of the template's examples; the image probe reads those of C1's."""
     torch.manual_seed(seed)
     loaded = memtune.load_model(MODEL)
-    tasks = {"question": f"digits-vqa/{template}", "image": "digits-vqa/C1", "answer": f"digits-vqa/{template}"}
-    row = {"method": spec}
-    model = None
-    for target, name in tasks.items():
-        task = load_task(name, seed=seed, train_limit=2000)
-        if model is None:           # one model per method; its head width does not change the features
-            parsed = validate_spec(parse_spec(spec))
-            model = memtune.wrap(loaded, memtune.config_for(parsed.method, parsed.options),
-                                 num_labels=len(task.label_names), techniques=parsed.techniques).eval()
-        collate = make_collate(task.kind, loaded.preprocessor, max_length=MAX_LENGTH, image_size=IMAGE_SIZE)
-        wordings: dict[str, int] = {}
-        x_tr, y_tr = features(model, collate, list(task.train), target, wordings)
-        x_te, y_te = features(model, collate, list(task.test), target, wordings)
-        row["feature_width"] = x_tr.shape[1]
-        row[target] = ridge_probe(x_tr, y_tr, x_te, y_te)
-        row[f"{target}_classes"] = int(y_tr.max()) + 1
-        row[f"{target}_test_examples"] = len(y_te)
+    task, control = (load_task(f"digits-vqa/{t}", seed=seed, train_limit=TRAIN_LIMIT) for t in (template, "C1"))
+    collate = make_collate(task.kind, loaded.preprocessor, max_length=MAX_LENGTH, image_size=IMAGE_SIZE)
+    parsed = validate_spec(parse_spec(spec))
+    # One model per method: the head's width (the template's answers) does not change the features.
+    model = memtune.wrap(loaded, memtune.config_for(parsed.method, parsed.options), num_labels=len(task.label_names),
+                         techniques=parsed.techniques).eval()
+    x_task, x_control = ([features(model, collate, list(split)) for split in (t.train, t.test)]
+                         for t in (task, control))
+    wording = {text: i for i, text in enumerate(sorted({e["text"] for e in task.train}))}
+    targets = {"question": (task, x_task, lambda e: wording[e["text"]]), "answer": (task, x_task, lambda e: e["label"]),
+               "image": (control, x_control, lambda e: e["label"])}
+    row = {"method": spec, "feature_width": x_task[0].shape[1]}
+    for target, (t, x, label) in targets.items():
+        y_train, y_test = (torch.tensor([label(e) for e in split]) for split in (t.train, t.test))
+        row[target] = ridge_probe(*x, y_train, y_test)
+        row[f"{target}_classes"] = int(y_train.max()) + 1
+        row[f"{target}_test_examples"] = len(y_test)
     return row
 
 
-def markdown(rows: list[dict], template: str) -> str:
+def markdown(rows: list[dict], template: str, chance: float) -> str:
     lines = [f"| method | feature width | question ({rows[0]['question_classes']} wordings) | "
-             f"image ({rows[0]['image_classes']} classes) | {template} answer (chance 0.5) |", "|---|---|---|---|---|"]
+             f"image ({rows[0]['image_classes']} classes) | {template} answer (chance {chance:g}) |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['feature_width']} | {r['question']:.3f} | {r['image']:.3f} | {r['answer']:.3f} |"
               for r in rows]
     return "\n".join(lines)
@@ -103,11 +100,12 @@ def main(argv=None) -> None:
     out.mkdir(exist_ok=True)
     command = "python benchmarks/vqa_init_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     check_record(out / "init_probe.json", args.seed)
+    chance = load_vqa_task(f"digits-vqa/{args.template}").chance[args.template]     # either modality alone
     for spec in split_specs(args.methods):
         start = time.time()
         row = probe_method(spec, args.template, args.seed)
         print(f"{spec}: {row} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
-        write(out, row, command.strip(), args)
+        write(out, row, command.strip(), args, chance)
 
 
 def check_record(path: Path, seed: int) -> None:
@@ -118,7 +116,7 @@ def check_record(path: Path, seed: int) -> None:
                          f"with seed {seed}; move it away first")
 
 
-def write(out: Path, row: dict, command: str, args) -> None:
+def write(out: Path, row: dict, command: str, args, chance: float) -> None:
     """Add `row` to the probe record (replacing a row of the same method spec) and rewrite its table, after
     every method, so an interrupted run keeps what it measured."""
     path = out / "init_probe.json"
@@ -128,7 +126,7 @@ def write(out: Path, row: dict, command: str, args) -> None:
         data["commands"].append(command)
     data["rows"] = [r for r in data["rows"] if r["method"] != row["method"]] + [row]
     path.write_text(json.dumps(data, indent=1) + "\n")
-    (out / "init_probe.md").write_text(markdown(data["rows"], args.template) + "\n")
+    (out / "init_probe.md").write_text(markdown(data["rows"], args.template, chance) + "\n")
 
 
 if __name__ == "__main__":
